@@ -1,0 +1,149 @@
+"""The one place that wires things: config in, running server out.
+
+Internal. Builds the store, routing table, redactor, delivery agents, scheduler, SMTP and POP3
+listeners, and runs them in one TaskGroup on one event loop until SIGTERM/SIGINT (or until
+`stop()` is called). Passes config, clock and resolver in; no globals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import dns.asyncresolver
+
+from maildetour.config.model import Config
+from maildetour.core.redact import Redactor
+from maildetour.core.routing import RoutingTable
+from maildetour.delivery.local import LocalAgent
+from maildetour.delivery.nexthop import NextHopResolver
+from maildetour.delivery.scheduler import Scheduler
+from maildetour.delivery.smtp_out import SmtpAgent
+from maildetour.inbound.handler import Handler, InboundLimits
+from maildetour.inbound.server import SessionFactory, start_smtp
+from maildetour.pop3.server import Pop3Account, Pop3Server, start_pop3
+from maildetour.pop3.settings import Pop3Settings
+from maildetour.store.sqlite import SqliteStore
+
+log = logging.getLogger("maildetour")
+
+
+def make_resolver(config: Config) -> dns.asyncresolver.Resolver:
+    """The configured DNS servers, or the system's when none are configured."""
+    servers = config.delivery.dns_servers
+    if not servers:
+        return dns.asyncresolver.Resolver()
+    resolver = dns.asyncresolver.Resolver(configure=False)
+    resolver.nameservers = [s.host for s in servers]
+    resolver.nameserver_ports = {s.host: s.port for s in servers}
+    resolver.lifetime = 10.0
+    return resolver
+
+
+def private_addresses(config: Config) -> frozenset[str]:
+    """Every forward target and configured destination: none of them may reach a sender."""
+    found: set[str] = set(config.destinations)
+    for rule in config.forwards:
+        found.update(rule.to)
+    for dest in config.destinations.values():
+        if dest.detour:
+            found.add(dest.detour)
+    return frozenset(found)
+
+
+def server_tls(cert: object, key: object) -> ssl.SSLContext | None:
+    if cert is None or key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+@dataclass
+class App:
+    config: Config
+    clock: Callable[[], float] = time.time
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        config = self.config
+        config.server.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        store = SqliteStore(config.queue_db, config.spool_dir, config.audit_log)
+        table = RoutingTable.from_config(config)
+        smtp_agent = SmtpAgent(
+            local_hostname=config.server.hostname,
+            nexthop=NextHopResolver(make_resolver(config), relay={
+                domain: (hp.host, hp.port) for domain, hp in config.delivery.relay.items()}),
+            connect_timeout=config.delivery.connect_timeout,
+            command_timeout=config.delivery.command_timeout,
+            data_timeout=config.delivery.data_timeout,
+            tls=config.delivery.tls,  # type: ignore[arg-type]
+            max_connections_per_host=config.delivery.max_connections_per_host,
+        )
+        scheduler = Scheduler(
+            store=store, table=table, agents={"smtp": smtp_agent, "local": LocalAgent(config.mailbox_dir)},
+            delivery=config.delivery, hostname=config.server.hostname,
+            redactor=Redactor(private_addresses(config)), clock=self.clock,
+        )
+        handler = Handler(
+            table=table, store=store, hostname=config.server.hostname,
+            limits=InboundLimits(config.smtp.max_recipients, config.smtp.max_received),
+            on_accepted=scheduler.submit, clock=self.clock,
+        )
+        factory = SessionFactory(
+            handler, hostname=config.server.hostname, max_sessions=config.smtp.max_sessions,
+            max_message_size=config.smtp.max_message_size, command_timeout=config.smtp.command_timeout,
+            data_timeout=config.smtp.data_timeout, tls=server_tls(config.smtp.tls_cert, config.smtp.tls_key),
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self.stop)
+            except (NotImplementedError, RuntimeError):
+                pass  # not the main thread (tests run the app in a thread)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                background = [tasks.create_task(store.run()), tasks.create_task(scheduler.run())]
+                smtp_servers = [await start_smtp(factory, hp.host, hp.port) for hp in config.smtp.listen]
+                pop3 = await self._start_pop3()
+                log.info("maildetour ready: smtp %s%s", ", ".join(map(str, config.smtp.listen)),
+                         f"; pop3 {', '.join(map(str, config.pop3.listen + config.pop3.listen_tls))}"
+                         if pop3 else "")
+                self.ready.set()
+                await self._stop.wait()
+                log.info("maildetour stopping")
+                for server in smtp_servers:
+                    server.close()
+                if pop3 is not None:
+                    pop3.close()
+                    await pop3.wait_closed()
+                for task in background:
+                    task.cancel()
+        finally:
+            await smtp_agent.close()
+            store.close()
+
+    async def _start_pop3(self) -> Pop3Server | None:
+        pop = self.config.pop3
+        if not pop.listen and not pop.listen_tls:
+            return None
+        accounts = {
+            address: Pop3Account(address, self.config.mailbox_dir(address), box.password, box.password_hash)
+            for address, box in self.config.mailboxes.items()
+        }
+        return await start_pop3(
+            listen=[(hp.host, hp.port) for hp in pop.listen],
+            listen_tls=[(hp.host, hp.port) for hp in pop.listen_tls],
+            accounts=accounts, ssl_context=server_tls(pop.tls_cert, pop.tls_key),
+            settings=Pop3Settings(allow_insecure_login=pop.allow_plaintext),
+            hostname=self.config.server.hostname,
+        )

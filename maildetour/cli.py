@@ -1,0 +1,127 @@
+"""Command line: argument parsing only; the work is done by `app`, `config` and `report`.
+
+Exit codes: 0 ok, 1 bad input or config (one line naming the key and the reason), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import sqlite3
+import sys
+from pathlib import Path
+
+from maildetour.config import Config, ConfigError, load_config
+from maildetour.core.address import AddressError, parse_address
+from maildetour.core.password import hash_password
+from maildetour.core.routing import RoutingTable, route
+from maildetour import report
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maildetour", description=(
+        "Forward mail at once; detour refused copies instead of bouncing; never reveal hidden addresses."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--config", "-c", type=Path, required=True, help="the TOML config file")
+        return p
+
+    with_config("serve", "run the server").add_argument("--verbose", "-v", action="store_true")
+    with_config("check", "validate the config and print the routing table")
+    with_config("route", "where mail for ADDRESS goes, and why").add_argument("address")
+    with_config("trace", "the story of one message, by queue id or Message-ID").add_argument("id")
+    queue = with_config("queue", "list queued and quarantined copies")
+    queue.add_argument("--all", action="store_true", help="include finished copies of recent messages")
+    sub.add_parser("passwd", help="read a password and print its scrypt$ hash for password_hash")
+    demo = sub.add_parser("demo", help="write the seed demo config (if missing) and run it, "
+                                       "with a stand-in gmail that refuses the EICAR test string")
+    demo.add_argument("--dir", type=Path, default=Path("demo"), help="where the demo lives (default ./demo)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        match args.command:
+            case "passwd":
+                return _passwd()
+            case "demo":
+                from maildetour.demo import run_demo
+
+                return run_demo(args.dir)
+        config = load_config(args.config)
+        match args.command:
+            case "serve":
+                return _serve(config, args.verbose)
+            case "check":
+                print(report.routing_table(config))
+                return 0
+            case "route":
+                return _route(config, args.address)
+            case "trace":
+                return _with_db(config, lambda conn: report.trace(conn, args.id))
+            case "queue":
+                return _with_db(config, lambda conn: report.queue(conn, include_all=args.all))
+    except ConfigError as exc:
+        print(f"maildetour: config error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"maildetour: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 2
+
+
+def _serve(config: Config, verbose: bool) -> int:
+    from maildetour.app import App
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
+    asyncio.run(App(config).run())
+    return 0
+
+
+def _route(config: Config, text: str) -> int:
+    parsed = parse_address(text.strip("<>"))
+    if isinstance(parsed, AddressError):
+        print(f"maildetour: {text!r} is not an address we accept: {parsed.reason}", file=sys.stderr)
+        return 1
+    table = RoutingTable.from_config(config)
+    print(report.route_story(table, route(table, parsed)))
+    return 0
+
+
+def _with_db(config: Config, show: "report.Show") -> int:
+    if not config.queue_db.exists():
+        print(f"maildetour: no queue yet at {config.queue_db}", file=sys.stderr)
+        return 1
+    conn = sqlite3.connect(f"file:{config.queue_db}?mode=ro", uri=True)
+    try:
+        text, found = show(conn)
+    finally:
+        conn.close()
+    print(text)
+    return 0 if found else 1
+
+
+def _passwd() -> int:
+    if sys.stdin.isatty():
+        first = getpass.getpass("Password: ")
+        if first != getpass.getpass("Again: "):
+            print("maildetour: the passwords differ", file=sys.stderr)
+            return 1
+    else:
+        first = sys.stdin.readline().rstrip("\r\n")
+    if not first:
+        print("maildetour: empty password", file=sys.stderr)
+        return 1
+    print(hash_password(first))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

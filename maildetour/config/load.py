@@ -1,0 +1,346 @@
+"""Read the TOML config file into `config.model.Config`.
+
+Pure apart from reading the file. Unknown keys are errors (a typo must not silently disable a
+detour). Every error is a `ConfigError` whose message names the key and the reason; the CLI
+prints it on one line and exits 1.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from maildetour.config.model import (
+    Config,
+    DeliveryConfig,
+    Destination,
+    Forward,
+    HostPort,
+    Mailbox,
+    Pop3Config,
+    ServerConfig,
+    SmtpConfig,
+)
+from maildetour.core.address import AddressError, check_domain, parse_address
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|kb|kib|k|mb|mib|m|gb|gib|g)?\s*$", re.I)
+_SIZE_UNITS = {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_size(key: str, value: object) -> int:
+    """`25MB`, `512KB`, `1048576`: KB/MB/GB are powers of 1024 (as in Postfix' docs)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str) and (m := _SIZE.match(value)):
+        number, unit = int(m.group(1)), (m.group(2) or "b").lower()[0]
+        if number > 0:
+            return number * _SIZE_UNITS[unit]
+    raise ConfigError(key, f"expected a size like \"25MB\", got {value!r}")
+
+
+def parse_duration(key: str, value: object) -> float:
+    """`10m`, `30s`, `2h`, `5d`, `250ms`, or a number of seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    if isinstance(value, str) and (m := _DURATION.match(value)):
+        return float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
+    raise ConfigError(key, f"expected a duration like \"10m\", got {value!r}")
+
+
+def parse_hostport(key: str, value: object) -> HostPort:
+    """`127.0.0.1:2525`, `[::1]:2525`, `mx.example.net:25`."""
+    if isinstance(value, str):
+        m = re.match(r"^\[([0-9a-fA-F:.]+)\]:(\d+)$", value) or re.match(r"^([^\s:\[\]]+):(\d+)$", value)
+        if m and 0 < int(m.group(2)) < 65536:
+            return HostPort(m.group(1), int(m.group(2)))
+    raise ConfigError(key, f"expected \"host:port\", got {value!r}")
+
+
+def _address(key: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected an address string, got {value!r}")
+    parsed = parse_address(value)
+    if isinstance(parsed, AddressError):
+        raise ConfigError(key, f"{value!r} is not a usable address ({parsed.reason})")
+    return parsed.key
+
+
+class _Table:
+    """One TOML table being read: tracks which keys were used, rejects the rest."""
+
+    def __init__(self, key: str, data: object) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(key, "expected a table")
+        self.key, self.data, self.used = key, data, set[str]()
+
+    def name(self, sub: str) -> str:
+        """The dotted key as written in TOML: `forward."a@b.c".to`."""
+        part = sub if re.fullmatch(r"[A-Za-z0-9_-]+", sub) else f'"{sub}"'
+        return f"{self.key}.{part}" if self.key else part
+
+    def get(self, sub: str, kind: type[T] | tuple[type, ...], default: Any = None) -> Any:
+        self.used.add(sub)
+        if sub not in self.data:
+            return default
+        value = self.data[sub]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise ConfigError(self.name(sub), f"expected {names}, got {value!r}")
+        return value
+
+    def convert(self, sub: str, func: Callable[[str, object], T], default: T) -> T:
+        self.used.add(sub)
+        return func(self.name(sub), self.data[sub]) if sub in self.data else default
+
+    def strings(self, sub: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        value = self.get(sub, list, None)
+        if value is None:
+            return default
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise ConfigError(f"{self.name(sub)}[{i}]", f"expected a string, got {item!r}")
+        return tuple(value)
+
+    def sub_table(self, sub: str) -> "_Table":
+        self.used.add(sub)
+        return _Table(self.name(sub), self.data.get(sub, {}))
+
+    def finish(self) -> None:
+        for extra in sorted(set(self.data) - self.used):
+            raise ConfigError(self.name(extra), "unknown key")
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate `path`. Raises ConfigError (or OSError if the file cannot be read)."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), "not UTF-8 text") from None
+    return build_config(raw, path.resolve())
+
+
+def build_config(raw: dict[str, Any], path: Path) -> Config:
+    base = path.parent
+    top = _Table("", raw)
+    server = _server(top.sub_table("server"), base)
+    smtp = _smtp(top.sub_table("smtp"), base)
+    pop3 = _pop3(top.sub_table("pop3"), base)
+    delivery = _delivery(top.sub_table("delivery"))
+    mailboxes = _mailboxes(top.sub_table("mailbox"))
+    forwards = _forwards(top.sub_table("forward"))
+    destinations = _destinations(top.sub_table("destination"))
+    top.finish()
+    config = Config(path, server, smtp, pop3, delivery, mailboxes, forwards, destinations)
+    _cross_check(config)
+    return config
+
+
+def _relative(base: Path) -> Callable[[str, object], Path]:
+    def convert(key: str, value: object) -> Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(key, f"expected a path, got {value!r}")
+        return (base / value).resolve()
+
+    return convert
+
+
+def _listen(t: _Table, sub: str, default: tuple[HostPort, ...]) -> tuple[HostPort, ...]:
+    items = t.strings(sub, None)  # type: ignore[arg-type]
+    if items is None:
+        return default
+    return tuple(parse_hostport(f"{t.name(sub)}[{i}]", v) for i, v in enumerate(items))
+
+
+def _positive_int(t: _Table, sub: str, default: int) -> int:
+    value = t.get(sub, int, default)
+    if value <= 0:
+        raise ConfigError(t.name(sub), f"must be positive, got {value}")
+    return value
+
+
+def _server(t: _Table, base: Path) -> ServerConfig:
+    d = ServerConfig()
+    hostname = t.get("hostname", str, d.hostname)
+    if isinstance(check_domain(hostname), AddressError) and hostname != "localhost":
+        raise ConfigError(t.name("hostname"), f"{hostname!r} is not a host name")
+    state_dir = t.convert("state_dir", _relative(base), (base / d.state_dir).resolve())
+    t.finish()
+    return ServerConfig(hostname, state_dir)
+
+
+def _tls_pair(t: _Table, base: Path) -> tuple[Path | None, Path | None]:
+    cert = t.convert("tls_cert", _relative(base), None)
+    key = t.convert("tls_key", _relative(base), None)
+    if (cert is None) != (key is None):
+        raise ConfigError(t.name("tls_key" if cert else "tls_cert"), "tls_cert and tls_key go together")
+    return cert, key
+
+
+def _smtp(t: _Table, base: Path) -> SmtpConfig:
+    d = SmtpConfig()
+    domains = []
+    for i, name in enumerate(t.strings("domains")):
+        checked = check_domain(name)
+        if isinstance(checked, AddressError):
+            raise ConfigError(f"{t.name('domains')}[{i}]", f"{name!r}: {checked.reason}")
+        domains.append(checked)
+    cert, key = _tls_pair(t, base)
+    config = SmtpConfig(
+        listen=_listen(t, "listen", d.listen),
+        domains=tuple(domains),
+        max_message_size=t.convert("max_message_size", parse_size, d.max_message_size),
+        max_received=_positive_int(t, "max_received", d.max_received),
+        max_sessions=_positive_int(t, "max_sessions", d.max_sessions),
+        max_recipients=_positive_int(t, "max_recipients", d.max_recipients),
+        command_timeout=t.convert("command_timeout", parse_duration, d.command_timeout),
+        data_timeout=t.convert("data_timeout", parse_duration, d.data_timeout),
+        max_command_line=_positive_int(t, "max_command_line", d.max_command_line),
+        tls_cert=cert,
+        tls_key=key,
+    )
+    t.finish()
+    return config
+
+
+def _pop3(t: _Table, base: Path) -> Pop3Config:
+    cert, key = _tls_pair(t, base)
+    listen_tls = _listen(t, "listen_tls", ())
+    if listen_tls and cert is None:
+        raise ConfigError(t.name("listen_tls"), "needs tls_cert and tls_key")
+    config = Pop3Config(
+        listen=_listen(t, "listen", ()),
+        listen_tls=listen_tls,
+        tls_cert=cert,
+        tls_key=key,
+        allow_plaintext=t.get("allow_plaintext", bool, False),
+    )
+    t.finish()
+    return config
+
+
+def _delivery(t: _Table) -> DeliveryConfig:
+    d = DeliveryConfig()
+    relay_table = t.sub_table("relay")
+    relay: dict[str, HostPort] = {}
+    for domain, target in relay_table.data.items():
+        relay_table.used.add(domain)
+        checked = check_domain(domain)
+        if isinstance(checked, AddressError):
+            raise ConfigError(relay_table.name(domain), checked.reason)
+        relay[checked] = parse_hostport(relay_table.name(domain), target)
+    tls = t.get("tls", str, d.tls)
+    if tls not in ("opportunistic", "none"):
+        raise ConfigError(t.name("tls"), f"expected \"opportunistic\" or \"none\", got {tls!r}")
+    config = DeliveryConfig(
+        relay=relay,
+        dns_servers=_listen(t, "dns_servers", ()),
+        connect_timeout=t.convert("connect_timeout", parse_duration, d.connect_timeout),
+        command_timeout=t.convert("command_timeout", parse_duration, d.command_timeout),
+        data_timeout=t.convert("data_timeout", parse_duration, d.data_timeout),
+        max_connections_per_host=_positive_int(t, "max_connections_per_host", d.max_connections_per_host),
+        retry_first=t.convert("retry_first", parse_duration, d.retry_first),
+        retry_max=t.convert("retry_max", parse_duration, d.retry_max),
+        max_lifetime=t.convert("max_lifetime", parse_duration, d.max_lifetime),
+        tls=tls,
+    )
+    t.finish()
+    return config
+
+
+def _mailboxes(t: _Table) -> dict[str, Mailbox]:
+    result: dict[str, Mailbox] = {}
+    for name in list(t.data):
+        box = t.sub_table(name)
+        address = _address(t.name(name), name)
+        password = box.get("password", str, None)
+        password_hash = box.get("password_hash", str, None)
+        if password is not None and password_hash is not None:
+            raise ConfigError(box.name("password_hash"), "give password or password_hash, not both")
+        if password_hash is not None and not password_hash.startswith("scrypt$"):
+            raise ConfigError(box.name("password_hash"), "expected a scrypt$... hash from `maildetour passwd`")
+        box.finish()
+        if address in result:
+            raise ConfigError(t.name(name), "mailbox defined twice (addresses ignore case)")
+        result[address] = Mailbox(address, password, password_hash)
+    return result
+
+
+def _forwards(t: _Table) -> tuple[Forward, ...]:
+    result: list[Forward] = []
+    seen: set[str] = set()
+    for name in list(t.data):
+        rule = t.sub_table(name)
+        key = t.name(name)
+        if name.startswith("@"):
+            checked = check_domain(name[1:])
+            if isinstance(checked, AddressError):
+                raise ConfigError(key, f"catch-all {name!r}: {checked.reason}")
+            pattern = "@" + checked
+        else:
+            pattern = _address(key, name)
+        targets = rule.strings("to")
+        if not targets:
+            raise ConfigError(rule.name("to"), "a forward needs at least one target")
+        to = tuple(_address(f"{rule.name('to')}[{i}]", v) for i, v in enumerate(targets))
+        rule.finish()
+        if pattern in seen:
+            raise ConfigError(key, "forward defined twice (addresses ignore case)")
+        seen.add(pattern)
+        result.append(Forward(pattern, to))
+    return tuple(result)
+
+
+def _destinations(t: _Table) -> dict[str, Destination]:
+    result: dict[str, Destination] = {}
+    for name in list(t.data):
+        dest = t.sub_table(name)
+        address = _address(t.name(name), name)
+        detour = dest.get("detour", str, None)
+        result[address] = Destination(
+            address=address,
+            hidden=dest.get("hidden", bool, False),
+            detour=_address(dest.name("detour"), detour) if detour is not None else None,
+            detour_after=dest.convert("detour_after", parse_duration, Destination.detour_after),
+        )
+        dest.finish()
+    return result
+
+
+def _cross_check(config: Config) -> None:
+    """Rules that span tables: domains of mailboxes/forwards, detour chains without cycles."""
+    local_domains = set(config.smtp.domains) | {a.split("@")[1] for a in config.mailboxes}
+    for rule in config.forwards:
+        domain = rule.pattern.split("@")[1]
+        if domain not in local_domains:
+            raise ConfigError(
+                f'forward."{rule.pattern}"', f"domain {domain!r} is not in smtp.domains or a mailbox domain"
+            )
+        for target in rule.to:
+            if target == rule.pattern:
+                raise ConfigError(f'forward."{rule.pattern}".to', "a forward cannot target itself")
+    for dest in config.destinations.values():
+        key = f'destination."{dest.address}"'
+        seen = [dest.address]
+        hop = dest.detour
+        while hop is not None:
+            if hop in seen:
+                raise ConfigError(f"{key}.detour", "detour chain loops: " + " -> ".join(seen + [hop]))
+            seen.append(hop)
+            nxt = config.destinations.get(hop)
+            hop = nxt.detour if nxt else None

@@ -1,0 +1,71 @@
+"""Every SMTP reply maildetour sends, by name, with its enhanced status code (RFC 3463).
+
+Pure. Faces the internet: these texts go to clients. None of them carries an address or an
+exception's text, so nothing private can leak through a reply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    text: str  # starts with the enhanced status code
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}"
+
+
+OK = Reply(250, "2.0.0 OK")
+SENDER_OK = Reply(250, "2.1.0 Sender OK")
+RECIPIENT_OK = Reply(250, "2.1.5 Recipient OK")
+UNKNOWN_USER = Reply(550, "5.1.1 Recipient address rejected: user unknown")
+RELAY_DENIED = Reply(554, "5.7.1 Relay access denied")
+BAD_RECIPIENT = Reply(553, "5.1.3 Recipient address not accepted")
+BAD_SENDER = Reply(553, "5.1.7 Sender address not accepted")
+SOURCE_ROUTE = Reply(553, "5.1.3 Source routes are not accepted")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3 Too many recipients")
+BARE_CR_LF = Reply(550, "5.5.2 Message has bare CR or LF characters; use CRLF line endings")
+TOO_BIG = Reply(552, "5.3.4 Message size exceeds the fixed limit")
+LINE_TOO_LONG = Reply(500, "5.5.2 Line too long")
+INTERNAL_ERROR = Reply(451, "4.3.0 Internal error, please try again later")
+TOO_MANY_SESSIONS = Reply(421, "4.7.0 Too many connections, please try again later")
+TIMEOUT = Reply(421, "4.4.2 Timeout, closing connection")
+
+
+def queued(queue_id: str) -> Reply:
+    return Reply(250, f"2.0.0 OK: queued as {queue_id}")
+
+
+# aiosmtpd's own replies lack enhanced status codes (and some say "Error:"): translated at the
+# wire boundary (`inbound.server`). Keyed by the library's exact text, or its prefix.
+LIBRARY_REPLIES: dict[str, str] = {
+    "250 OK": "250 2.0.0 OK",
+    "221 Bye": "221 2.0.0 Bye",
+    "552 Error: Too much mail data": str(TOO_BIG),
+    "552 Error: message size exceeds fixed maximum message size": str(TOO_BIG),
+    "500 Line too long (see RFC5321 4.5.3.1.6)": str(LINE_TOO_LONG),
+    "500 Command line too long": "500 5.5.2 Command line too long",
+    "500 Error: bad syntax": "500 5.5.2 Syntax error",
+    "500 Error: strict ASCII mode": "500 5.5.2 Non-ASCII data without SMTPUTF8",
+    "503 Error: need MAIL command": "503 5.5.1 Need MAIL command first",
+    "503 Error: need RCPT command": "503 5.5.1 Need RCPT command first",
+    "503 Error: nested MAIL command": "503 5.5.1 Nested MAIL command",
+    "503 Error: send HELO first": "503 5.5.1 Send EHLO/HELO first",
+    "502 EXPN not implemented": "502 5.5.1 EXPN not implemented",
+    "553 5.1.3 Error: malformed address": "553 5.1.3 Malformed address",
+    "252 Cannot VRFY user, but will accept message and attempt delivery": (
+        "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery"
+    ),
+    "555 MAIL FROM parameters not recognized or not implemented": (
+        "555 5.5.4 MAIL FROM parameters not recognized or not implemented"
+    ),
+    "555 RCPT TO parameters not recognized or not implemented": (
+        "555 5.5.4 RCPT TO parameters not recognized or not implemented"
+    ),
+}
+
+# Fallback enhanced codes by reply class, for library replies not listed above.
+DEFAULT_ENHANCED = {"2": "2.0.0", "4": "4.0.0", "5": "5.5.2"}

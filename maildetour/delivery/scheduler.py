@@ -1,0 +1,215 @@
+"""The scheduler: delivers every copy at once, retries later, detours, bounces privately.
+
+Internal. `submit` is called right after a message is committed (no polling tick); due copies of
+one message that share a next hop go out as one job. Agents report outcomes; `core.policy`
+decides; the decision and its events are written to the store. On start-up every queued copy is
+loaded again, so what was in flight before a crash is simply tried again (at-least-once).
+Message bytes stay in memory only while a copy of the message is due now; deferred copies
+re-read the spool when their retry comes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+from dataclasses import replace
+from typing import Callable, Mapping
+
+from maildetour.config.model import DeliveryConfig
+from maildetour.core.dsn import Failure, build_dsn
+from maildetour.core.outcome import Delivered, Outcome, PermanentFailure, TemporaryFailure, Unreachable
+from maildetour.core.policy import Attempted, Bounce, Decision, Detour, Done, Fail, Quarantine, Retry, decide
+from maildetour.core.received import find_message_id
+from maildetour.core.redact import Redactor
+from maildetour.core.routing import Kind, RoutingTable
+from maildetour.delivery.base import Agent, Job
+from maildetour.store.base import Store
+from maildetour.store.records import Copy, Event, NewCopy, NewMessage, new_queue_id
+
+log = logging.getLogger("maildetour.delivery")
+
+# Attempts in flight at once, over all next hops (each agent also limits per host).
+MAX_PARALLEL_ATTEMPTS = 200
+# Keep message bytes in memory when its next retry is this close (seconds).
+HOT_WINDOW = 2.0
+
+
+class Scheduler:
+    def __init__(self, *, store: Store, table: RoutingTable, agents: Mapping[Kind, Agent],
+                 delivery: DeliveryConfig, hostname: str, redactor: Redactor,
+                 clock: Callable[[], float]) -> None:
+        self.store, self.table, self.agents = store, table, agents
+        self.delivery, self.hostname, self.redactor, self.clock = delivery, hostname, redactor, clock
+        self._heap: list[tuple[float, int, int]] = []  # (due, tie-breaker, copy id)
+        self._seq = itertools.count()
+        self._copies: dict[int, Copy] = {}  # every queued copy
+        self._by_message: dict[str, set[int]] = {}  # queue id -> its queued copies
+        self._busy: set[int] = set()
+        self._data: dict[str, bytes] = {}
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(MAX_PARALLEL_ATTEMPTS)
+
+    # --- intake -----------------------------------------------------------------------------
+    def submit(self, copies: list[Copy], data: bytes | None = None) -> None:
+        """Schedule copies (new, or loaded at start-up). Wakes the loop at once."""
+        for copy in copies:
+            if copy.state != "queued":
+                continue
+            self._copies[copy.id] = copy
+            self._by_message.setdefault(copy.queue_id, set()).add(copy.id)
+            heapq.heappush(self._heap, (copy.next_at, next(self._seq), copy.id))
+            if data is not None:
+                self._data[copy.queue_id] = data
+        self._wake.set()
+
+    @property
+    def queued(self) -> int:
+        return len(self._copies)
+
+    async def run(self) -> None:
+        self.submit(await self.store.unfinished())
+        async with asyncio.TaskGroup() as tasks:
+            while True:
+                self._wake.clear()
+                for group in self._due_groups(self.clock()):
+                    self._busy.update(c.id for c in group)
+                    tasks.create_task(self._attempt(group))
+                timeout = max(self._heap[0][0] - self.clock(), 0.0) if self._heap else None
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except TimeoutError:
+                    pass
+
+    def _due_groups(self, now: float) -> list[list[Copy]]:
+        groups: dict[tuple[str, str, str], list[Copy]] = {}
+        while self._heap and self._heap[0][0] <= now:
+            due, _, copy_id = heapq.heappop(self._heap)
+            copy = self._copies.get(copy_id)
+            if copy is None or copy_id in self._busy or copy.next_at > due:
+                continue  # finished, in flight, or rescheduled (a later heap entry exists)
+            kind = self.table.kind(copy.target)
+            domain = copy.target.rsplit("@", 1)[-1] if kind == "smtp" else ""
+            groups.setdefault((copy.queue_id, kind, domain), []).append(copy)
+        return list(groups.values())
+
+    # --- one attempt ------------------------------------------------------------------------
+    async def _attempt(self, group: list[Copy]) -> None:
+        queue_id = group[0].queue_id
+        try:
+            async with self._slots:
+                outcomes = await self._deliver(group)
+                for copy in group:
+                    await self._settle(copy, outcomes.get(copy.target.lower(), _UNKNOWN))
+        except Exception:
+            log.exception("delivery of %s failed unexpectedly; retrying later", queue_id)
+            for copy in group:
+                self._schedule(replace(copy, next_at=self.clock() + self.delivery.retry_first))
+        finally:
+            self._busy.difference_update(c.id for c in group)
+            self._cool(queue_id)
+            self._wake.set()
+
+    async def _deliver(self, group: list[Copy]) -> Mapping[str, Outcome]:
+        copy = group[0]
+        data = self._data.get(copy.queue_id)
+        if data is None:
+            data = await self.store.read(copy.queue_id)
+            self._data[copy.queue_id] = data
+        recipients = tuple(dict.fromkeys(c.target for c in group))
+        agent = self.agents[self.table.kind(copy.target)]
+        outcomes = await agent.deliver(Job(copy.queue_id, copy.mail_from, recipients, data))
+        return {target.lower(): outcome for target, outcome in outcomes.items()}
+
+    async def _settle(self, copy: Copy, outcome: Outcome) -> None:
+        now = self.clock()
+        attempted = Attempted(copy.target, copy.hidden_origin, copy.mail_from == "",
+                              copy.attempts + 1, copy.first_failure)
+        decision = decide(attempted, outcome, now, self.table.destinations, self.delivery)
+        events = [_outcome_event(copy, outcome, now, copy.attempts + 1)]
+        updated = await self._apply(copy, decision, now, events)
+        await self.store.update(updated, events)
+        if updated.state == "queued":
+            self._schedule(updated)
+        else:
+            await self._finish_copy(updated)
+
+    async def _apply(self, copy: Copy, decision: Decision, now: float, events: list[Event]) -> Copy:
+        def note(kind: str, target: str, detail: str) -> None:
+            events.append(Event(now, copy.queue_id, copy.id, kind, target, detail))  # type: ignore[arg-type]
+
+        attempts = copy.attempts + 1
+        match decision:
+            case Done():
+                return replace(copy, state="delivered", attempts=attempts)
+            case Retry(at=at, first_failure=first):
+                return replace(copy, attempts=attempts, next_at=at, first_failure=first)
+            case Detour(to=to, reason=reason):
+                note("detoured", to, f"from {copy.target}: {reason}")
+                return replace(copy, target=to, attempts=0, next_at=now, first_failure=None,
+                               detours=copy.detours + 1)
+            case Quarantine(reason=reason):
+                note("quarantined", copy.target, reason)
+                return replace(copy, state="quarantined", attempts=attempts)
+            case Fail(reason=reason):
+                note("failed", copy.target, reason)
+                return replace(copy, state="failed", attempts=attempts)
+            case Bounce(reason=reason):
+                note("bounced", copy.target, reason)
+                dsn_id = await self._send_dsn(copy, reason, now)
+                note("dsn-sent", copy.mail_from, f"DSN {dsn_id} to the sender names {copy.recipient} only")
+                return replace(copy, state="bounced", attempts=attempts)
+        raise AssertionError(f"unknown decision {decision!r}")
+
+    async def _send_dsn(self, copy: Copy, reason: str, now: float) -> str:
+        original = self._data.get(copy.queue_id) or await self.store.read(copy.queue_id)
+        dsn = build_dsn(hostname=self.hostname, sender=copy.mail_from,
+                        failure=Failure(copy.queue_id, copy.recipient, reason, copy.received_at),
+                        original=original, redactor=self.redactor, now=now)
+        queue_id = new_queue_id(now)
+        message = NewMessage(queue_id, "", now, find_message_id(dsn), len(dsn), "maildetour [dsn]")
+        event = Event(now, queue_id, None, "accepted", copy.mail_from, f"DSN for {copy.queue_id}")
+        made = await self.store.accept(message, dsn, [NewCopy(copy.mail_from, copy.mail_from, False)], [event])
+        self.submit(made, dsn)
+        return queue_id
+
+    # --- bookkeeping ------------------------------------------------------------------------
+    def _schedule(self, copy: Copy) -> None:
+        self._copies[copy.id] = copy
+        heapq.heappush(self._heap, (copy.next_at, next(self._seq), copy.id))
+
+    async def _finish_copy(self, copy: Copy) -> None:
+        self._copies.pop(copy.id, None)
+        remaining = self._by_message.get(copy.queue_id)
+        if remaining is not None:
+            remaining.discard(copy.id)
+            if not remaining:
+                del self._by_message[copy.queue_id]
+                self._data.pop(copy.queue_id, None)
+                await self.store.finish(copy.queue_id)
+
+    def _cool(self, queue_id: str) -> None:
+        """Drop message bytes from memory unless a copy is in flight or due very soon."""
+        soon = self.clock() + HOT_WINDOW
+        for copy_id in self._by_message.get(queue_id, ()):
+            copy = self._copies.get(copy_id)
+            if copy_id in self._busy or (copy is not None and copy.next_at <= soon):
+                return
+        self._data.pop(queue_id, None)
+
+
+_UNKNOWN = TemporaryFailure("no outcome reported for this recipient")
+
+
+def _outcome_event(copy: Copy, outcome: Outcome, now: float, attempt: int) -> Event:
+    match outcome:
+        case Delivered(reply=reply):
+            kind, detail = "delivered", reply
+        case TemporaryFailure(reply=reply):
+            kind, detail = "deferred", reply
+        case Unreachable(reason=reason):
+            kind, detail = "deferred", f"unreachable: {reason}"
+        case PermanentFailure(reply=reply, alert=alert):
+            kind, detail = ("refused", reply + (" [alert: check this destination]" if alert else ""))
+    return Event(now, copy.queue_id, copy.id, kind, copy.target, f"attempt {attempt}: {detail}")  # type: ignore[arg-type]

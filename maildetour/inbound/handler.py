@@ -1,0 +1,114 @@
+"""SMTP transaction logic: RCPT -> routing, DATA -> checks -> store -> 250.
+
+Faces the internet (behind `inbound.server`, the aiosmtpd adapter). Contract: "250 queued as"
+is returned only after `Store.accept` has made the message and its copies durable. Replies come
+from `core.replies` only, so no address or exception text reaches a client. Bad input gets a
+reply; an unexpected exception gets 451 4.3.0 (see `handle_exception`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from maildetour.core import replies
+from maildetour.core.address import AddressError, parse_address
+from maildetour.core.received import count_received, find_message_id, has_bare_cr_or_lf, received_header
+from maildetour.core.routing import Accept, RoutingTable, route
+from maildetour.store.base import Store
+from maildetour.store.records import Copy, Event, NewCopy, NewMessage, new_queue_id
+
+log = logging.getLogger("maildetour.inbound")
+
+NULL_SENDER = "<>"  # how aiosmtpd hands us MAIL FROM:<>
+
+
+@dataclass(frozen=True, slots=True)
+class InboundLimits:
+    max_recipients: int
+    max_received: int
+
+
+class Handler:
+    def __init__(self, *, table: RoutingTable, store: Store, hostname: str, limits: InboundLimits,
+                 on_accepted: Callable[[list[Copy], bytes], None], clock: Callable[[], float]) -> None:
+        self.table, self.store, self.hostname, self.limits = table, store, hostname, limits
+        self.on_accepted, self.clock = on_accepted, clock
+
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        keep = [r for r in responses[1:] if not r[4:].startswith(("AUTH", "HELP"))]
+        lines = [responses[0], *keep, "250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
+        return [*lines[:-1], "250 " + lines[-1][4:]]
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
+                          mail_options: list[str]) -> str:
+        if address != NULL_SENDER and isinstance(parse_address(address), AddressError):
+            return str(replies.BAD_SENDER)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        envelope.routes = []
+        return str(replies.SENDER_OK)
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          rcpt_options: list[str]) -> str:
+        routes: list[Accept] = envelope.routes
+        if len(routes) >= self.limits.max_recipients:
+            return str(replies.TOO_MANY_RECIPIENTS)
+        parsed = parse_address(address)
+        if isinstance(parsed, AddressError):
+            return str(replies.BAD_RECIPIENT)
+        found = route(self.table, parsed)
+        if not isinstance(found, Accept):
+            log.info("RCPT refused from %s: %s", session.peer, found.why)
+            return str(found.reply)
+        routes.append(found)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return str(replies.RECIPIENT_OK)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        data: bytes = envelope.original_content
+        if has_bare_cr_or_lf(data):
+            return str(replies.BARE_CR_LF)
+        now = self.clock()
+        queue_id = new_queue_id(now)
+        routes: Sequence[Accept] = envelope.routes
+        client_ip = str(session.peer[0]) if session.peer else "unknown"
+        protocol = ("ESMTPS" if session.ssl else "ESMTP") if session.extended_smtp else "SMTP"
+        if envelope.smtp_utf8:
+            protocol = "UTF8SMTPS" if session.ssl else "UTF8SMTP"  # RFC 6531 section 3.7.3
+        full = received_header(
+            helo=session.host_name or "", client_ip=client_ip, hostname=self.hostname,
+            queue_id=queue_id, protocol=protocol, recipients=tuple(r.recipient for r in routes), now=now,
+        ) + data
+        looped = count_received(full) > self.limits.max_received
+        copies = self._plan(routes, "quarantined" if looped else "queued")
+        sender = "" if envelope.mail_from == NULL_SENDER else envelope.mail_from
+        message = NewMessage(queue_id, sender, now, find_message_id(data), len(full),
+                             f"{session.host_name} [{client_ip}]")
+        events = [Event(now, queue_id, None, "accepted", ",".join(r.recipient for r in routes),
+                        f"from=<{sender}> client={message.client} size={len(full)}")]
+        if looped:
+            events += [Event(now, queue_id, -1 - i, "quarantined", c.target, "mail loop: too many Received headers")
+                       for i, c in enumerate(copies)]
+        made = await self.store.accept(message, full, copies, events)
+        if not looped:
+            self.on_accepted(made, full)
+        return str(replies.queued(queue_id))
+
+    def _plan(self, routes: Sequence[Accept], state: str) -> list[NewCopy]:
+        """One copy per destination, even when several recipients lead to the same one."""
+        copies: dict[str, NewCopy] = {}
+        for found in routes:
+            for target in found.targets:
+                if target not in copies:
+                    copies[target] = NewCopy(found.recipient, target, self.table.is_hidden(target),
+                                             state)  # type: ignore[arg-type]
+        return list(copies.values())
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.exception("SMTP session error", exc_info=error)
+        return str(replies.INTERNAL_ERROR)

@@ -1,0 +1,1 @@
+"""maildetour.pop3"""

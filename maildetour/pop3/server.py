@@ -1,0 +1,385 @@
+"""asyncio wrapper around the POP3 state machine: listeners, TLS, login checks, Maildir I/O.
+
+Runs `protocol.Pop3Session` per connection and performs its effects: writes replies with flow
+control, verifies passwords (scrypt, in an executor), keeps the per-mailbox lock and the login
+throttle, lists and reads Maildirs (in an executor, chunk by chunk), starts TLS after STLS
+(dropping any input pipelined behind it), removes messages only when the session says so
+(QUIT in TRANSACTION). Exposure: faces the internet. Failure: a client's I/O error, TLS error
+or timeout ends that connection only, deleting nothing; an unexpected exception is logged and
+ends that connection without its text reaching the client. Config-independent: `app.py` builds
+the accounts and settings and calls `start_pop3`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import logging
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from maildetour.core.password import hash_password, verify_password
+from maildetour.mailbox.maildir import (
+    READ_CHUNK, MaildirMessage, list_messages, open_message, remove)
+from maildetour.pop3.protocol import (
+    MESSAGE_GONE, TOO_MANY_CONNECTIONS, CheckLogin, Close, Effect, Expunge, LoginAccepted,
+    LoginInUse, LoginRefused, LoginResult, LoginUnavailable, Pop3Message, Pop3Session, Send,
+    SendMessage, StartTls, State)
+from maildetour.pop3.settings import Pop3Settings
+from maildetour.pop3.throttle import LoginThrottle
+from maildetour.pop3.wire import MessageEncoder
+
+log = logging.getLogger(__name__)
+
+# Received bytes buffered per connection before we stop reading from its socket.
+_MAX_INBOX = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Pop3Account:
+    """A mailbox that may log in: its address (the login name, any case), its Maildir root,
+    and exactly one of a clear-text password or a `scrypt$...` hash."""
+
+    address: str
+    maildir: Path
+    password: str | None = None
+    password_hash: str | None = None
+
+
+class Pop3Server:
+    """Handle on the running listeners and their sessions."""
+
+    def __init__(self, service: _Service, servers: list[asyncio.Server],
+                 tls_servers: list[asyncio.Server]) -> None:
+        self._service = service
+        self.servers = servers + tls_servers
+        self.addresses = [_bound(s) for s in servers]
+        self.tls_addresses = [_bound(s) for s in tls_servers]
+
+    def close(self) -> None:
+        """Stop listening and drop every session (a dropped session deletes nothing)."""
+        for server in self.servers:
+            server.close()
+        for connection in list(self._service.connections):
+            connection.abort()
+
+    async def wait_closed(self) -> None:
+        for server in self.servers:
+            await server.wait_closed()
+        tasks = list(self._service.tasks)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def start_pop3(*, listen: Sequence[tuple[str, int]], listen_tls: Sequence[tuple[str, int]],
+                     accounts: Mapping[str, Pop3Account], ssl_context: ssl.SSLContext | None,
+                     settings: Pop3Settings, hostname: str,
+                     clock: Callable[[], float] = time.monotonic) -> Pop3Server:
+    """Listen on every (host, port) of `listen` (plain, STLS offered when `ssl_context` is set)
+    and `listen_tls` (implicit TLS, needs `ssl_context`). Port 0 picks a free port; see
+    `Pop3Server.addresses`. Account keys are ignored; addresses match case-insensitively."""
+    if listen_tls and ssl_context is None:
+        raise ValueError("pop3 listen_tls needs a TLS certificate (ssl_context)")
+    loop = asyncio.get_running_loop()
+    # Unknown users get a scrypt run against this, so a refusal takes as long either way.
+    dummy_hash = await loop.run_in_executor(None, hash_password, "unused")
+    service = _Service(
+        accounts={a.address.lower(): a for a in accounts.values()}, settings=settings,
+        hostname=hostname, ssl_context=ssl_context, clock=clock, dummy_hash=dummy_hash)
+    plain: list[asyncio.Server] = []
+    tls: list[asyncio.Server] = []
+    try:
+        for host, port in listen:
+            plain.append(await loop.create_server(
+                lambda: _Connection(service, implicit_tls=False), host, port))
+        for host, port in listen_tls:
+            tls.append(await loop.create_server(
+                lambda: _Connection(service, implicit_tls=True), host, port, ssl=ssl_context,
+                ssl_handshake_timeout=settings.tls_handshake_timeout))
+    except BaseException:
+        for server in plain + tls:
+            server.close()
+        raise
+    return Pop3Server(service, plain, tls)
+
+
+class _Service:
+    """State shared by the sessions of one server: accounts, locks, throttle, live sessions."""
+
+    def __init__(self, *, accounts: dict[str, Pop3Account], settings: Pop3Settings,
+                 hostname: str, ssl_context: ssl.SSLContext | None,
+                 clock: Callable[[], float], dummy_hash: str) -> None:
+        self.accounts = accounts
+        self.settings = settings
+        self.hostname = hostname
+        self.ssl_context = ssl_context
+        self.clock = clock
+        self.dummy_hash = dummy_hash
+        self.locked: set[str] = set()
+        self.connections: set[_Connection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.throttle = LoginThrottle(
+            per_client=settings.max_failures_per_client,
+            per_mailbox=settings.max_failures_per_mailbox,
+            window=settings.failure_window, max_tracked=settings.max_tracked_failures)
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, service: _Service, *, implicit_tls: bool) -> None:
+        self._service = service
+        self._implicit_tls = implicit_tls
+        self._transport: asyncio.Transport | None = None
+        self._inbox: deque[bytes] = deque()
+        self._inbox_size = 0
+        self._reading_paused = False
+        self._wakeup = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._eof = False
+        self._peer = ""
+        self._account: Pop3Account | None = None
+        self._listing: list[MaildirMessage] = []
+        self._lock: str | None = None
+        self._session: Pop3Session | None = None
+
+    # --- asyncio.Protocol callbacks ----------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        service = self._service
+        if len(service.connections) >= service.settings.max_connections:
+            transport.write(TOO_MANY_CONNECTIONS)
+            transport.close()
+            return
+        peer = transport.get_extra_info("peername")
+        self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        service.connections.add(self)
+        self._session = Pop3Session(
+            settings=service.settings, hostname=service.hostname,
+            tls_active=self._implicit_tls, tls_available=service.ssl_context is not None,
+            peer_is_loopback=_is_loopback(self._peer))
+        task = asyncio.get_running_loop().create_task(self._serve(self._session))
+        service.tasks.add(task)
+        task.add_done_callback(service.tasks.discard)
+
+    def data_received(self, data: bytes) -> None:
+        self._inbox.append(data)
+        self._inbox_size += len(data)
+        if self._inbox_size > _MAX_INBOX and self._transport and not self._reading_paused:
+            self._transport.pause_reading()
+            self._reading_paused = True
+        self._wakeup.set()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wakeup.set()
+        return True  # half-close: answer what was sent before the EOF, then close ourselves
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._wakeup.set()
+        self._writable.set()
+        self._service.connections.discard(self)
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    # --- the session ---------------------------------------------------------------------------
+    async def _serve(self, session: Pop3Session) -> None:
+        try:
+            await self._perform([session.greeting()])
+            while session.state is not State.CLOSED:
+                data = await self._read()
+                if data is None:
+                    await self._perform(session.timed_out())
+                    break
+                if not data:
+                    break
+                await self._perform(session.receive(data))
+        except (ConnectionError, ssl.SSLError, TimeoutError, OSError) as error:
+            log.info("pop3 %s: connection ended: %s", self._peer, type(error).__name__)
+        except Exception:
+            log.exception("pop3 %s: unexpected error", self._peer)
+        finally:
+            if self._lock is not None:
+                self._service.locked.discard(self._lock)
+                self._lock = None
+            if self._transport is not None:
+                self._transport.close()
+            self._service.connections.discard(self)
+
+    async def _read(self) -> bytes | None:
+        """Next received bytes; b"" at end of input; None after the idle timeout."""
+        timeout = self._service.settings.idle_timeout
+        while not self._inbox:
+            if self._eof:
+                return b""
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except TimeoutError:
+                return None
+        data = b"".join(self._inbox)
+        self._inbox.clear()
+        self._inbox_size = 0
+        if self._reading_paused and self._transport is not None:
+            self._reading_paused = False
+            self._transport.resume_reading()
+        return data
+
+    async def _perform(self, effects: list[Effect]) -> None:
+        session = self._session
+        assert session is not None
+        pending = deque(effects)
+        while pending:
+            match pending.popleft():
+                case Send(data):
+                    await self._write(data)
+                case SendMessage(index, first_line, body_lines):
+                    await self._send_message(self._listing[index], first_line, body_lines)
+                case CheckLogin(username, password):
+                    pending.extend(session.login_result(await self._login(username, password)))
+                case StartTls():
+                    await self._start_tls()
+                    pending.extend(session.tls_started())
+                case Expunge(indexes):
+                    pending.extend(session.expunged(await self._expunge(indexes)))
+                case Close():
+                    if self._transport is not None:
+                        self._transport.close()
+
+    async def _write(self, data: bytes) -> None:
+        if self._transport is None or self._transport.is_closing():
+            raise ConnectionResetError("client went away")
+        self._transport.write(data)
+        if not self._writable.is_set():
+            await asyncio.wait_for(self._writable.wait(), self._service.settings.idle_timeout)
+
+    async def _login(self, username: str, password: str) -> LoginResult:
+        service = self._service
+        loop = asyncio.get_running_loop()
+        name = username.lower()
+        if service.throttle.blocked(self._peer, name, service.clock()):
+            log.warning("pop3 %s: login throttled", self._peer)
+            await asyncio.sleep(service.settings.failed_login_delay)
+            return LoginRefused()
+        account = service.accounts.get(name)
+        matches = await loop.run_in_executor(
+            None, _password_matches, account, password, service.dummy_hash)
+        if account is None or not matches:
+            service.throttle.record_failure(self._peer, name, service.clock())
+            log.info("pop3 %s: login failed", self._peer)
+            await asyncio.sleep(service.settings.failed_login_delay)
+            return LoginRefused()
+        if name in service.locked:
+            return LoginInUse()
+        service.locked.add(name)
+        self._lock = name
+        try:
+            listing = await loop.run_in_executor(None, list_messages, account.maildir)
+        except OSError as error:
+            log.error("pop3: cannot list mailbox %s: %s", name, error)
+            service.locked.discard(name)
+            self._lock = None
+            return LoginUnavailable()
+        self._account = account
+        self._listing = _unique(listing)
+        log.info("pop3 %s: %s logged in, %d messages", self._peer, name, len(self._listing))
+        return LoginAccepted(tuple(Pop3Message(m.uid, m.size) for m in self._listing))
+
+    async def _send_message(self, message: MaildirMessage, first_line: bytes,
+                            body_lines: int | None) -> None:
+        assert self._account is not None
+        loop = asyncio.get_running_loop()
+        handle = await loop.run_in_executor(None, open_message, self._account.maildir, message)
+        if handle is None:
+            await self._write(MESSAGE_GONE)
+            return
+        try:
+            await self._write(first_line)
+            encoder = MessageEncoder(body_lines)
+            while not encoder.done:
+                chunk = await loop.run_in_executor(None, handle.read, READ_CHUNK)
+                if not chunk:
+                    break
+                if out := encoder.feed(chunk):
+                    await self._write(out)
+            await self._write(encoder.finish())
+        finally:
+            handle.close()
+
+    async def _start_tls(self) -> None:
+        assert self._transport is not None and self._service.ssl_context is not None
+        # Whatever the client sent after STLS was meant for the plain channel: drop it. No await
+        # between this and start_tls, which takes the socket's input from here on.
+        self._inbox.clear()
+        self._inbox_size = 0
+        loop = asyncio.get_running_loop()
+        transport = await loop.start_tls(
+            self._transport, self, self._service.ssl_context, server_side=True,
+            ssl_handshake_timeout=self._service.settings.tls_handshake_timeout)
+        if transport is None:
+            raise ConnectionResetError("TLS handshake failed")
+        self._transport = transport
+        self._reading_paused = False
+
+    async def _expunge(self, indexes: tuple[int, ...]) -> int:
+        if not indexes:
+            return 0
+        assert self._account is not None
+        doomed = [self._listing[i] for i in indexes]
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                None, remove, self._account.maildir, doomed)
+        except OSError as error:
+            log.error("pop3: cannot remove messages: %s", error)
+            return len(doomed)
+
+
+def _password_matches(account: Pop3Account | None, password: str, dummy_hash: str) -> bool:
+    """Blocking (scrypt): always one scrypt run, whether or not the account exists or has a
+    clear-text password, so timing tells nothing."""
+    if account is None or account.password_hash is None:
+        verify_password(dummy_hash, password)
+        if account is None or account.password is None:
+            return False
+        return hmac.compare_digest(account.password.encode("utf-8"), password.encode("utf-8"))
+    return verify_password(account.password_hash, password)
+
+
+def _unique(listing: list[MaildirMessage]) -> list[MaildirMessage]:
+    """Drop a second file with the same unique name (a UIDL must be unique in a session)."""
+    seen: set[str] = set()
+    unique = []
+    for message in listing:
+        if message.uid not in seen:
+            seen.add(message.uid)
+            unique.append(message)
+    return unique
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+def _bound(server: asyncio.Server) -> tuple[str, int]:
+    host, port = server.sockets[0].getsockname()[:2]
+    return str(host), int(port)

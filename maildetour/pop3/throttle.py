@@ -1,0 +1,65 @@
+"""Failed-login throttle: per client address and per mailbox name, over a sliding window.
+
+Pure: the caller passes the current time (monotonic seconds); no clock, no I/O. Mutable state
+owned by one POP3 service (not global). Exposure: fed with what internet clients send (their
+address, the user name they typed), so memory is bounded: at most `max_tracked` keys, the
+least recently failed forgotten first. The mailbox key is whatever name was tried, existing or
+not, so a throttled answer never tells whether a mailbox exists. Fails never.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict, deque
+
+
+class LoginThrottle:
+    __slots__ = ("_per_client", "_per_mailbox", "_window", "_max_tracked", "_failures")
+
+    def __init__(self, *, per_client: int, per_mailbox: int, window: float,
+                 max_tracked: int) -> None:
+        self._per_client = per_client
+        self._per_mailbox = per_mailbox
+        self._window = window
+        self._max_tracked = max_tracked
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def blocked(self, client: str, mailbox: str, now: float) -> bool:
+        """True when either the client or the mailbox has used up its failures in the window."""
+        return (self._count("c:" + client_key(client), now) >= self._per_client
+                or self._count("m:" + mailbox.lower(), now) >= self._per_mailbox)
+
+    def record_failure(self, client: str, mailbox: str, now: float) -> None:
+        for key in ("c:" + client_key(client), "m:" + mailbox.lower()):
+            times = self._failures.pop(key, None) or deque()
+            times.append(now)
+            while len(times) > max(self._per_client, self._per_mailbox):
+                times.popleft()
+            self._failures[key] = times
+        while len(self._failures) > self._max_tracked:
+            self._failures.popitem(last=False)
+
+    def _count(self, key: str, now: float) -> int:
+        times = self._failures.get(key)
+        if times is None:
+            return 0
+        while times and times[0] <= now - self._window:
+            times.popleft()
+        if not times:
+            del self._failures[key]
+            return 0
+        return len(times)
+
+
+def client_key(address: str) -> str:
+    """The unit we throttle: an IPv4 address, or the /64 of an IPv6 address (one host usually
+    owns a whole /64). IPv4-mapped IPv6 addresses count as IPv4. Anything else: verbatim."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)

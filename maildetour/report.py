@@ -1,0 +1,104 @@
+"""Text for operators: the routing table (`check`), one address (`route`), one message's
+story (`trace`) and the queue (`queue`).
+
+Pure apart from reading the queue database handed in. Operator-facing only: it shows hidden
+addresses, because the operator configured them; nothing here is sent to a sender.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime, timezone
+from typing import Callable
+
+from maildetour.config.model import Config
+from maildetour.core.routing import Accept, Route, RoutingTable
+from maildetour.store.sqlite import read_story
+
+Show = Callable[[sqlite3.Connection], tuple[str, bool]]
+
+
+def _when(at: float) -> str:
+    return datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def describe_target(table: RoutingTable, target: str) -> str:
+    """`ituki-ex@gmail.com (smtp, hidden) -> detour ituki@gm.example.net (local mailbox)`."""
+    parts = []
+    for i, hop in enumerate(table.detour_chain(target)):
+        kind = "local mailbox" if table.kind(hop) == "local" else "smtp"
+        flags = ", hidden" if table.is_hidden(hop) else ""
+        dest = table.destinations.get(hop)
+        after = f", detour after {dest.detour_after:g}s of 4xx" if dest and dest.detour else ""
+        parts.append(("" if i == 0 else "detour ") + f"{hop} ({kind}{flags}{after})")
+    text = " -> ".join(parts)
+    if table.is_hidden(target) and len(parts) == 1:
+        text += " -> refused copies are quarantined (no detour configured)"
+    elif len(parts) > 1:
+        text += " -> quarantine if the last one fails too"
+    return text
+
+
+def routing_table(config: Config) -> str:
+    table = RoutingTable.from_config(config)
+    lines = [f"config {config.path}: OK", f"hostname  {config.server.hostname}",
+             f"state dir {config.server.state_dir}",
+             f"domains   {', '.join(sorted(table.domains)) or '(none)'}", "", "mailboxes:"]
+    lines += [f"  {address}" for address in sorted(table.mailboxes)] or ["  (none)"]
+    lines += ["", "forwards (first match wins: exact, mailbox, plus-address, catch-all):"]
+    for rule in config.forwards:
+        lines.append(f"  {rule.pattern}")
+        lines += [f"    -> {describe_target(table, target)}" for target in rule.to]
+    if not config.forwards:
+        lines.append("  (none)")
+    lines += ["", "destinations:"]
+    for address, dest in sorted(config.destinations.items()):
+        lines.append(f"  {describe_target(table, address)}")
+    if not config.destinations:
+        lines.append("  (none)")
+    relay = config.delivery.relay
+    lines += ["", "next hops: " + (", ".join(f"{d} -> {hp}" for d, hp in sorted(relay.items())) or "")
+              + ("; " if relay else "") + "others by MX lookup"]
+    return "\n".join(lines)
+
+
+def route_story(table: RoutingTable, found: Route) -> str:
+    if isinstance(found, Accept):
+        lines = [f"{found.recipient}: accepted ({found.why})"]
+        lines += [f"  -> {describe_target(table, t)}" for t in found.targets]
+        return "\n".join(lines)
+    return f"refused at RCPT with \"{found.reply}\" ({found.why})"
+
+
+def trace(conn: sqlite3.Connection, key: str) -> tuple[str, bool]:
+    story = read_story(conn, key)
+    if story is None:
+        return f"no message with queue id or Message-ID {key!r}", False
+    m = story.message
+    lines = [f"message {m.queue_id}  received {_when(m.received_at)}",
+             f"  from <{m.mail_from}>  client {m.client}  size {m.size}",
+             f"  Message-ID {m.message_id or '(none)'}", "copies:"]
+    for c in story.copies:
+        lines.append(f"  #{c.id} for {c.recipient} -> {c.target}: {c.state}"
+                     + (f" (after {c.detours} detour{'s' * (c.detours != 1)})" if c.detours else "")
+                     + (f", next attempt {_when(c.next_at)}" if c.state == "queued" else ""))
+    lines.append("events:")
+    for e in story.events:
+        copy = f"#{e.copy_id} " if e.copy_id is not None else ""
+        lines.append(f"  {_when(e.at)} {copy}{e.kind:<11} {e.target}  {e.detail}")
+    return "\n".join(lines), True
+
+
+def queue(conn: sqlite3.Connection, *, include_all: bool) -> tuple[str, bool]:
+    where = "" if include_all else "WHERE c.state IN ('queued', 'quarantined')"
+    rows = conn.execute(
+        "SELECT c.queue_id, c.id, c.state, c.target, c.attempts, c.next_at, m.mail_from"
+        f" FROM copies c JOIN messages m USING (queue_id) {where} ORDER BY c.queue_id, c.id"
+        " LIMIT 10000").fetchall()
+    if not rows:
+        return "queue is empty", True
+    lines = [f"{'queue id':<17} {'copy':>6} {'state':<11} {'tries':>5}  next attempt              target  (sender)"]
+    for qid, cid, state, target, attempts, next_at, sender in rows:
+        nxt = _when(next_at) if state == "queued" else "-"
+        lines.append(f"{qid:<17} {cid:>6} {state:<11} {attempts:>5}  {nxt:<25} {target}  (<{sender}>)")
+    return "\n".join(lines), True

@@ -1,0 +1,60 @@
+"""Message bytes on disk, one file per message, written durably.
+
+Blocking (call from a thread). Internal. `write` returns only after the bytes are fsync'ed
+and the file renamed to its final name; `sync` fsyncs the directory so the rename itself is
+durable — the store calls it once for a whole group of writes, before committing the queue.
+Fails with OSError (disk full, permissions): the caller answers 451 and nothing is promised.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class Spool:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp = root / "tmp"
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.tmp.mkdir(exist_ok=True, mode=0o700)
+
+    def path(self, queue_id: str) -> Path:
+        return self.root / queue_id
+
+    def write(self, queue_id: str, data: bytes) -> None:
+        tmp = self.tmp / queue_id
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.path(queue_id))
+
+    def sync(self) -> None:
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read(self, queue_id: str) -> bytes:
+        return self.path(queue_id).read_bytes()
+
+    def remove(self, queue_id: str) -> None:
+        try:
+            self.path(queue_id).unlink()
+        except FileNotFoundError:
+            pass
+
+    def names(self) -> set[str]:
+        return {p.name for p in self.root.iterdir() if p.is_file()}
+
+    def clear_tmp(self) -> None:
+        """Half-written files of a crashed run were never acknowledged: remove them."""
+        for leftover in self.tmp.iterdir():
+            leftover.unlink(missing_ok=True)

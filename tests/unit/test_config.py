@@ -1,0 +1,95 @@
+"""Config: the seed example loads as is; mistakes are errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from maildetour.config import ConfigError, load_config
+from maildetour.config.load import parse_duration, parse_size
+from maildetour.config.model import HostPort
+from tests.configs import SEED, seed_config, write_config
+
+
+def test_the_seed_example_of_design_md_loads_as_is(tmp_path: Path) -> None:
+    config = seed_config(tmp_path)
+    assert config.server.hostname == "mx.example.com"
+    assert config.server.state_dir == (tmp_path / "var").resolve()
+    assert config.smtp.listen == (HostPort("127.0.0.1", 2525),)
+    assert config.smtp.max_message_size == 25 * 1024 * 1024
+    assert config.delivery.relay == {"gmail.com": HostPort("127.0.0.2", 2525)}
+    assert set(config.mailboxes) == {"ituki@pc.example.net", "ituki@gm.example.net"}
+    assert config.forwards[0].to == ("ituki@pc.example.net", "ituki-ex@gmail.com")
+    dest = config.destinations["ituki-ex@gmail.com"]
+    assert dest.hidden and dest.detour == "ituki@gm.example.net" and dest.detour_after == 600.0
+
+
+def error_for(tmp_path: Path, text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_config(tmp_path, text))
+    return caught.value
+
+
+def test_a_typo_in_a_key_is_an_error_naming_the_key(tmp_path: Path) -> None:
+    err = error_for(tmp_path, SEED.replace("detour       =", "detuor       ="))
+    assert err.key == 'destination."ituki-ex@gmail.com".detuor'
+    assert "unknown key" in str(err)
+
+
+def test_an_unknown_table_is_an_error(tmp_path: Path) -> None:
+    assert error_for(tmp_path, SEED + "\n[smpt]\nlisten = []\n").key == "smpt"
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        (('max_message_size = "25MB"', 'max_message_size = "lots"'), "smtp.max_message_size"),
+        (('detour_after = "10m"', 'detour_after = "soon"'), 'destination."ituki-ex@gmail.com".detour_after'),
+        (('listen  = ["127.0.0.1:2525"]', 'listen  = ["127.0.0.1"]'), "smtp.listen[0]"),
+        (('"gmail.com" = "127.0.0.2:2525"', '"gmail.com" = 25'), 'delivery.relay."gmail.com"'),
+        (('hidden       = true', 'hidden       = "yes"'), 'destination."ituki-ex@gmail.com".hidden'),
+        (('to = ["ituki@pc.example.net", "ituki-ex@gmail.com"]', 'to = []'), 'forward."ituki@example.com".to'),
+        (('to = ["ituki@pc.example.net", "ituki-ex@gmail.com"]', 'to = ["not an address"]'),
+         'forward."ituki@example.com".to[0]'),
+    ],
+)
+def test_bad_values_name_their_key(tmp_path: Path, change: tuple[str, str], key: str) -> None:
+    assert change[0] in SEED
+    assert error_for(tmp_path, SEED.replace(*change)).key == key
+
+
+def test_a_forward_for_a_domain_we_do_not_serve_is_an_error(tmp_path: Path) -> None:
+    err = error_for(tmp_path, SEED + '\n[forward."x@elsewhere.org"]\nto = ["ituki@pc.example.net"]\n')
+    assert err.key == 'forward."x@elsewhere.org"'
+
+
+def test_a_detour_chain_that_loops_is_an_error(tmp_path: Path) -> None:
+    text = SEED + '\n[destination."ituki@gm.example.net"]\ndetour = "ituki-ex@gmail.com"\n'
+    err = error_for(tmp_path, text)
+    assert "loops" in err.reason
+
+
+def test_password_and_hash_together_are_an_error(tmp_path: Path) -> None:
+    text = SEED.replace('password = "change-me"\n', 'password = "a"\npassword_hash = "scrypt$x"\n', 1)
+    assert "not both" in error_for(tmp_path, text).reason
+
+
+def test_not_toml_is_an_error(tmp_path: Path) -> None:
+    assert "not valid TOML" in error_for(tmp_path, "[server\n").reason
+
+
+def test_an_empty_file_gives_embedded_defaults(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, ""))
+    assert config.smtp.listen == (HostPort("127.0.0.1", 2525),)
+    assert config.smtp.max_received == 50 and config.smtp.max_sessions == 100
+
+
+def test_sizes_and_durations() -> None:
+    assert parse_size("k", "512KB") == 512 * 1024
+    assert parse_size("k", 1000) == 1000
+    assert parse_duration("k", "10m") == 600.0
+    assert parse_duration("k", "250ms") == 0.25
+    assert parse_duration("k", 3) == 3.0
+    with pytest.raises(ConfigError):
+        parse_size("k", "0MB")
+    with pytest.raises(ConfigError):
+        parse_duration("k", "-1s")
