@@ -82,7 +82,8 @@ class App:
         smtp_agent = SmtpAgent(
             local_hostname=config.server.hostname,
             nexthop=NextHopResolver(make_resolver(config), relay={
-                domain: (hp.host, hp.port) for domain, hp in config.delivery.relay.items()}),
+                domain: (hp.host, hp.port) for domain, hp in config.delivery.relay.items()},
+                port=config.delivery.smtp_port),
             connect_timeout=config.delivery.connect_timeout,
             command_timeout=config.delivery.command_timeout,
             data_timeout=config.delivery.data_timeout,

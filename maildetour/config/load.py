@@ -174,6 +174,13 @@ def _positive_int(t: _Table, sub: str, default: int) -> int:
     return value
 
 
+def _port(t: _Table, sub: str, default: int) -> int:
+    value = t.get(sub, int, default)
+    if not 0 < value < 65536:
+        raise ConfigError(t.name(sub), f"not a port number: {value}")
+    return value
+
+
 def _server(t: _Table, base: Path) -> ServerConfig:
     d = ServerConfig()
     hostname = t.get("hostname", str, d.hostname)
@@ -250,6 +257,7 @@ def _delivery(t: _Table) -> DeliveryConfig:
     config = DeliveryConfig(
         relay=relay,
         dns_servers=_listen(t, "dns_servers", ()),
+        smtp_port=_port(t, "smtp_port", d.smtp_port),
         connect_timeout=t.convert("connect_timeout", parse_duration, d.connect_timeout),
         command_timeout=t.convert("command_timeout", parse_duration, d.command_timeout),
         data_timeout=t.convert("data_timeout", parse_duration, d.data_timeout),

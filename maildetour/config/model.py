@@ -64,6 +64,7 @@ class Pop3Config:
 class DeliveryConfig:
     relay: dict[str, HostPort] = field(default_factory=dict)  # domain -> next hop (no MX lookup)
     dns_servers: tuple[HostPort, ...] = ()  # empty: the system resolver
+    smtp_port: int = 25  # port of MX hosts (only tests and special setups change it)
     # A next hop that does not greet in 20 s is stalled (Postfix waits 300 s; we detour sooner).
     connect_timeout: float = 20.0
     command_timeout: float = 60.0

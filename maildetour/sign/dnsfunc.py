@@ -37,6 +37,9 @@ DEFAULT_TIMEOUT = 5.0  # seconds for one query when the caller does not say
 class DnsTemporaryError(dns.exception.DNSException):
     """The answer could not be had now (timeout, SERVFAIL, time budget spent)."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message)  # type: ignore[no-untyped-call]
+
 
 @dataclass(frozen=True, slots=True)
 class DnsLookup:

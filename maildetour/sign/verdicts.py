@@ -105,7 +105,7 @@ class _SpfQuery(spf.query):  # type: ignore[misc]
         super().__init__(**kwargs)
         self._lookup = lookup
 
-    def dns(self, name: str, qtype: str, cnames: object = None, ignore_void: bool = False) -> list:
+    def dns(self, name: str, qtype: str, cnames: object = None, ignore_void: bool = False) -> list[object]:
         """Same contract as pyspf's `query.dns` (list of values, void lookups counted)."""
         name = str(name).rstrip(".").lower()
         labels = name.split(".")
@@ -186,9 +186,9 @@ def _verify_one(data: bytes, index: int, header: bytes, lookup: DnsLookup) -> DK
         found.append(lookup(name, timeout))
         return found[-1]
 
-    verifier = dkim.DKIM(data, minkey=1024)
     reason: str | None = None
     try:
+        verifier = dkim.DKIM(data, minkey=1024)
         word = "pass" if verifier.verify(index, dnsfunc=recording) else "fail"
     except DnsTemporaryError:
         word, reason = "temperror", "key lookup failed"

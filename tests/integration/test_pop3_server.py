@@ -157,8 +157,8 @@ def test_a_dropped_connection_deletes_nothing(tmp_path: Path) -> None:
             await asyncio.sleep(0.05)
             assert len(list_messages(root)) == 1
             client = await in_thread(login, server)  # and the lock was released
-            assert client.stat()[0] == 1
-            client.quit()
+            assert (await in_thread(client.stat))[0] == 1
+            await in_thread(client.quit)
 
     run(scenario)
 
@@ -314,8 +314,8 @@ def test_bad_input_gets_err_and_the_server_keeps_serving(tmp_path: Path) -> None
             endless = await in_thread(talk, server, b"junk\r\n" * 100)
             assert endless.endswith(b"-ERR too many bad commands, closing\r\n")
             client = await in_thread(login, server)
-            assert retr(client, 1) == MESSAGE_1
-            client.quit()
+            assert await in_thread(retr, client, 1) == MESSAGE_1
+            await in_thread(client.quit)
 
     run(scenario)
 

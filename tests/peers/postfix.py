@@ -6,9 +6,13 @@ waits until its SMTP port answers, yields a `PostfixPeer`, and stops it on exit.
 
 The instance:
 - listens only on `host:port` (a loopback address; Linux answers on all of 127.0.0.0/8);
-- accepts mail for `domains` (virtual mailbox domains) and delivers each recipient into its own
-  Maildir, `root/<address>/` (lower case), written as uid `nobody`. With `users=None` every
-  local part made of [A-Za-z0-9._+-] exists; with `users=(...)` only those addresses exist;
+- accepts mail for `domains` (virtual mailbox domains) and delivers it with virtual(8) into
+  Maildirs under `root`, written as uid `nobody`. With `users=(...)` only those addresses exist,
+  each with its own Maildir `root/<address>/` (lower case). With `users=None` every local part
+  made of [A-Za-z0-9._+-] exists and shares one catch-all Maildir per domain, `root/@<domain>/`
+  (virtual(8) forbids $1 in mailbox paths); `messages(address)` then picks the copies by the
+  `Delivered-To:` header virtual(8) prepends. Stored messages have LF line ends and start with
+  Return-Path, X-Original-To, Delivered-To and Postfix's Received header;
 - refuses unknown users at RCPT with
   `550 5.1.1 <x@gmail.com>: Recipient address rejected: User unknown in virtual mailbox table`;
 - refuses relaying to other domains (`554 5.7.1 ... Relay access denied`);
@@ -24,14 +28,20 @@ The instance:
   `myhostname`), IPv4 only, banner without version.
 
 How it runs (as root, as the tests and CI do): nothing of the system's /etc/postfix is read or
-changed. `master -c WORKDIR/conf -s` runs in the foreground as a child of the test (it becomes
-its own session and process-group leader); stopping sends SIGTERM to that master PID, which
-passes the signal to its children, then waits for the master to exit and for its process group
-to empty. `postfix -c DIR start` is not used: it runs `postfix check`, which wants to fix
-ownership using the system's postfix-files and complains about non-default config directories.
-Paths used by unprivileged Postfix processes (data_directory, virtual_mailbox_base) are relative
-to the queue directory, the daemons' working directory, so `workdir` may sit inside a private
-(0700) directory such as pytest's tmp_path.
+changed (meta_directory points at the instance's conf directory). The queue tree is created
+here with Postfix's owners and modes, then `<daemon_directory>/master -c WORKDIR/conf -s` runs
+in the foreground as a child of the test; it makes itself session and process-group leader.
+Stopping sends SIGTERM to that master PID (master passes it on to its children), waits for it,
+then SIGKILLs by PID whatever of its process group is still alive after a short grace.
+`postfix -c WORKDIR/conf status|stop` also work on a running instance, but `postfix -c DIR
+start` does not: its integrity check (post-install) wants postfix-files in meta_directory.
+Unprivileged Postfix processes must not need to traverse `workdir`'s parents, so that
+`workdir` may sit in a private (0700) directory such as pytest's tmp_path: data_directory is
+relative to the queue directory (the daemons' working directory), virtual_mailbox_base is
+`/proc/self/cwd/mail` (virtual(8) insists on an absolute path; the magic link resolves to the
+queue directory without a path walk), and virtual_mailbox_maps is an inline table (virtual(8)
+opens its maps as mail_owner). Config files are back-dated: Postfix waits up to ~2 s before
+reading a file modified within the current second.
 
 Exposure: test-only; loopback only. Failure: start-up problems raise RuntimeError with the tail
 of the instance's log (or skip/fail via `tests.peers.need` when Postfix is not installed).
@@ -39,10 +49,10 @@ of the instance's log (or skip/fail via `tests.peers.need` when Postfix is not i
 
 from __future__ import annotations
 
-import os
-import re
-import pwd
 import grp
+import os
+import pwd
+import re
 import signal
 import subprocess
 import time
@@ -59,6 +69,7 @@ _DEFAULT_BODY_REJECT: tuple[tuple[str, str], ...] = (
 )
 _START_TIMEOUT = 15.0  # seconds for master to bind its SMTP port
 _STOP_TIMEOUT = 10.0  # seconds for master and its children to exit after SIGTERM
+_STOP_GRACE = 0.5  # seconds children get to exit on their own after the master is gone
 # Queue subdirectories and their modes, as Postfix's own postfix-files creates them.
 _QUEUE_DIRS: tuple[tuple[str, int, bool], ...] = (  # (name, mode, group is setgid_group)
     ("active", 0o700, False), ("bounce", 0o700, False), ("corrupt", 0o700, False),
@@ -67,6 +78,7 @@ _QUEUE_DIRS: tuple[tuple[str, int, bool], ...] = (  # (name, mode, group is setg
     ("saved", 0o700, False), ("trace", 0o700, False),
     ("maildrop", 0o730, True), ("public", 0o710, True),
 )
+_SAFE_DOMAIN = re.compile(r"[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*")
 _SAFE_ADDRESS = re.compile(r"[A-Za-z0-9._+-]+@[A-Za-z0-9.-]+")
 _MAIL_SUBDIR = "mail"  # Maildirs, relative to the queue directory
 _DATA_SUBDIR = "data"  # data_directory, relative to the queue directory
@@ -137,6 +149,9 @@ def running_postfix(
     postconf = need("postconf", "postfix")
     if not host.startswith("127."):
         raise ValueError(f"postfix peer must listen on loopback, not {host}")
+    for domain in domains:
+        if not _SAFE_DOMAIN.fullmatch(domain):
+            raise ValueError(f"postfix peer domain must match {_SAFE_DOMAIN.pattern}: {domain!r}")
     port = free_port(host) if port is None else port
     workdir = Path(workdir).resolve()
     conf, queue, log_path = workdir / "conf", workdir / "queue", workdir / "maillog"
@@ -168,25 +183,20 @@ def running_postfix(
 
 def _make_queue(queue: Path) -> None:
     """Create the queue directory tree with the owners and modes Postfix insists on."""
-    owner = pwd.getpwnam("postfix")
+    owner, nobody = pwd.getpwnam("postfix"), pwd.getpwnam("nobody")
     setgid_group = grp.getgrnam("postdrop").gr_gid
-    nobody = pwd.getpwnam("nobody")
     queue.mkdir(parents=True, exist_ok=True)
     os.chmod(queue, 0o755)
-    for name, mode, setgid in _QUEUE_DIRS:
+    (queue / "pid").mkdir(exist_ok=True)
+    layout = [(name, mode, owner.pw_uid, setgid_group if setgid else owner.pw_gid)
+              for name, mode, setgid in _QUEUE_DIRS]
+    layout.append((_DATA_SUBDIR, 0o700, owner.pw_uid, owner.pw_gid))
+    layout.append((_MAIL_SUBDIR, 0o700, nobody.pw_uid, nobody.pw_gid))
+    for name, mode, uid, gid in layout:
         path = queue / name
         path.mkdir(exist_ok=True)
-        os.chown(path, owner.pw_uid, setgid_group if setgid else owner.pw_gid)
+        os.chown(path, uid, gid)
         os.chmod(path, mode)
-    (queue / "pid").mkdir(exist_ok=True)
-    data = queue / _DATA_SUBDIR
-    data.mkdir(exist_ok=True)
-    os.chown(data, owner.pw_uid, owner.pw_gid)
-    os.chmod(data, 0o700)
-    mail = queue / _MAIL_SUBDIR
-    mail.mkdir(exist_ok=True)
-    os.chown(mail, nobody.pw_uid, nobody.pw_gid)
-    os.chmod(mail, 0o700)
 
 
 def _main_cf(
@@ -225,7 +235,6 @@ def _main_cf(
         "local_transport": refuse,
         "smtp_dns_support_level": "disabled",
         "smtp_host_lookup": "native",
-        "lmtp_host_lookup": "native",
         "smtpd_peername_lookup": "no",
         "smtpd_relay_restrictions": "reject_unauth_destination",
         "smtpd_recipient_restrictions": "",
@@ -233,7 +242,7 @@ def _main_cf(
         "unknown_virtual_mailbox_reject_code": "550",
         "virtual_mailbox_domains": ", ".join(domains),
         "virtual_mailbox_maps": _mailbox_map(domains, users),
-        "virtual_mailbox_base": f"/proc/self/cwd/{_MAIL_SUBDIR}",  # see the module docstring
+        "virtual_mailbox_base": f"/proc/self/cwd/{_MAIL_SUBDIR}",  # = queue/mail; see docstring
         "virtual_uid_maps": f"static:{nobody.pw_uid}",
         "virtual_gid_maps": f"static:{nobody.pw_gid}",
         "virtual_minimum_uid": "1",
@@ -255,7 +264,6 @@ def _master_cf(host: str, port: int) -> str:
         "bounce unix - - n - 0 bounce",
         "defer unix - - n - 0 bounce",
         "trace unix - - n - 0 bounce",
-        "verify unix - - n - 1 verify",
         "anvil unix - - n - 1 anvil",
         "error unix - - n - - error",
         "retry unix - - n - - error",
@@ -351,7 +359,12 @@ def _wait_started(proc: subprocess.Popen[bytes], peer: PostfixPeer) -> None:
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the master we started; wait for it and for its process group to be gone."""
+    """SIGTERM the master we started, wait for it, then make sure its process group is gone.
+
+    Master passes SIGTERM on to its children; a child caught between fork and exec may sleep
+    a second before it exits, so after a short grace period what is left of the group gets
+    SIGKILL, by PID. Zombies (reaped later by init) count as gone.
+    """
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     try:
@@ -360,16 +373,33 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
         proc.wait()
     group = proc.pid  # master made itself leader of this process group
-    deadline = time.monotonic() + _STOP_TIMEOUT
-    while True:
+    deadline = time.monotonic() + _STOP_GRACE
+    while (left := _live_group_members(group)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for pid in left:
         try:
-            os.killpg(group, 0)
-        except (ProcessLookupError, PermissionError):
-            return
-        if time.monotonic() >= deadline:
-            os.killpg(group, signal.SIGKILL)
-            return
-        time.sleep(0.05)
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + _STOP_TIMEOUT
+    while _live_group_members(group) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _live_group_members(group: int) -> list[int]:
+    """PIDs of processes in process group `group` that are not zombies (Linux /proc)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()  # state ppid pgrp ...
+        if int(fields[2]) == group and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
 
 
 def _tail(text: str, lines: int = 30) -> str:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import dns.message
 import dns.name
@@ -16,6 +16,7 @@ import dns.rrset
 import pytest
 
 from maildetour.sign.dkim import DkimSigner, generate_key
+from maildetour.sign.dnsfunc import DnsLookup, DnsTemporaryError
 from maildetour.sign.verdicts import Verdicts, check, strip_our_results
 
 OURS = "mx.fwd.example"
@@ -234,6 +235,34 @@ def test_strip_handles_an_id_on_a_continuation_line_and_lf_messages() -> None:
     assert strip_our_results(data, OURS) == b"Subject: y\n\nbody\n"
 
 
-def test_strip_leaves_a_message_without_our_results_byte_for_byte(tmp_path: Path) -> None:
+def test_strip_leaves_a_message_without_our_results_byte_for_byte() -> None:
     data = MESSAGE + b"\r\nbare\rcr and trailing"
     assert strip_our_results(data, OURS) == data
+
+
+# -- the DNS adapter given to dkimpy and authheaders ------------------------------------------
+
+
+def test_dns_adapter_returns_joined_txt_as_bytes_and_str() -> None:
+    long_text = "v=DKIM1; k=rsa; p=" + "A" * 400  # served as two character-strings
+    resolver = ZoneResolver({("s._domainkey.d.example", "TXT"): [long_text]})
+    lookup = DnsLookup(resolver)
+    assert lookup(b"s._domainkey.d.example.", timeout=5) == long_text.encode()
+    assert lookup.text("s._domainkey.d.example") == long_text
+    assert lookup(b"missing.d.example.") is None
+    assert lookup.text("s._domainkey.d.example.") == long_text
+
+
+def test_dns_adapter_prefers_the_tagged_record_among_several() -> None:
+    resolver = ZoneResolver({("_dmarc.d.example", "TXT"): ["site-verification=xyz", "v=DMARC1; p=none"]})
+    assert DnsLookup(resolver).text("_dmarc.d.example") == "v=DMARC1; p=none"
+
+
+def test_dns_adapter_turns_timeouts_and_a_spent_budget_into_temporary_errors(
+    silent_dns: dns.resolver.Resolver,
+) -> None:
+    with pytest.raises(DnsTemporaryError):
+        DnsLookup(silent_dns, timeout=0.2)(b"x.example.")
+    spent = DnsLookup(ZoneResolver({}), deadline=time.monotonic() - 1)
+    with pytest.raises(DnsTemporaryError):
+        spent.records("x.example", "TXT")

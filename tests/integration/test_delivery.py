@@ -1,0 +1,161 @@
+"""Delivery: retries, detours after `detour_after`, private DSNs, MX lookups, crash safety."""
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from tests.harness import message, running_server
+from tests.peers.dnsmasq import DnsRecords, running_dnsmasq
+from tests.peers.sinks import running_sink
+
+DETOUR = "ituki@gm.example.net"
+PC = "ituki@pc.example.net"
+
+ORDINARY = """
+[forward."team@example.com"]
+to = ["friend@example.org"]
+"""
+
+
+def test_4xx_shorter_than_detour_after_is_delivered_after_retry(tmp_path: Path) -> None:
+    with running_sink(temp_failures=2, temp_reply="421 4.7.0 Try again later, closing connection.") as gmail, \
+            running_server(tmp_path, gmail=f"{gmail.host}:{gmail.port}", detour_after="60s",
+                           delivery_extra='retry_first = "300ms"') as server:
+        queue_id = server.send(message("retry me"))
+        [received] = gmail.wait_for(1, timeout=20)
+        assert b"Subject: retry me" in received.data
+        events = server.wait_event(queue_id, "delivered", target="ituki-ex@gmail.com")
+        assert [e[0] for e in events if e[1] == "ituki-ex@gmail.com"] == ["deferred", "deferred", "delivered"]
+        assert server.mailbox(DETOUR) == []
+
+
+def test_4xx_longer_than_detour_after_is_detoured(tmp_path: Path) -> None:
+    with running_sink(temp_failures=10_000, temp_reply="450 4.2.1 The user you are trying to contact is "
+                                                      "receiving mail too quickly.") as gmail, \
+            running_server(tmp_path, gmail=f"{gmail.host}:{gmail.port}", detour_after="1500ms",
+                           delivery_extra='retry_first = "300ms"') as server:
+        queue_id = server.send(message("rate limited"))
+        [detoured] = server.wait_mailbox(DETOUR, 1, timeout=20)
+        assert b"Subject: rate limited" in detoured
+        events = server.events(queue_id)
+        assert sum(1 for e in events if e[0] == "deferred") >= 2
+        assert any(e[0] == "detoured" and "4.2.1" in e[2] for e in events)
+        assert gmail.messages == []
+
+
+def test_an_ordinary_forward_refused_for_good_bounces_naming_only_the_public_address(tmp_path: Path) -> None:
+    refuse = "550 5.1.1 <friend@example.org>: Recipient address rejected: friend does not exist"
+    with running_sink(rcpt=lambda a: refuse) as friend_host, running_sink() as sender_domain:
+        delivery = f'relay = {{ "gmail.com" = "127.0.0.2:9", "example.org" = "{friend_host.host}:{friend_host.port}",' \
+                   f' "sender.example" = "{sender_domain.host}:{sender_domain.port}" }}'
+        text = _seed_with(delivery, ORDINARY)
+        with running_server(tmp_path, text) as server:
+            queue_id = server.send(message("for the team", to="team@example.com"), to=("team@example.com",))
+            [dsn] = sender_domain.wait_for(1, timeout=20)
+            assert dsn.mail_from == "" and dsn.rcpt_tos == ("alice@sender.example",)
+            assert b"Final-Recipient: rfc822; team@example.com" in dsn.data
+            assert b"Status: 5.1.1" in dsn.data
+            assert b"friend" not in dsn.data.lower() and b"example.org" not in dsn.data.lower()
+            events = server.wait_event(queue_id, "dsn-sent")
+            assert [e[0] for e in events][-3:] == ["refused", "bounced", "dsn-sent"]
+
+
+def test_mail_from_the_null_sender_that_fails_is_not_bounced(tmp_path: Path) -> None:
+    with running_sink(rcpt=lambda a: "550 5.1.1 no such user") as friend_host, running_sink() as sender_domain:
+        delivery = f'relay = {{ "example.org" = "{friend_host.host}:{friend_host.port}",' \
+                   f' "sender.example" = "{sender_domain.host}:{sender_domain.port}" }}'
+        with running_server(tmp_path, _seed_with(delivery, ORDINARY)) as server:
+            queue_id = server.send(message("a bounce"), sender="", to=("team@example.com",))
+            events = server.wait_event(queue_id, "failed")
+            assert "bounced" not in [e[0] for e in events]
+            time.sleep(0.3)
+            assert sender_domain.messages == []
+
+
+def test_next_hop_by_mx_lookup_through_a_loopback_dns_server(tmp_path: Path) -> None:
+    with running_sink(host="127.0.0.3") as mx:
+        records = DnsRecords(zones=("example.org",), mx=(("example.org", "mx1.example.org", 10),),
+                             a=(("mx1.example.org", "127.0.0.3"),))
+        with running_dnsmasq(tmp_path / "dns", records) as dns:
+            delivery = f'dns_servers = ["{dns.host}:{dns.port}"]\nsmtp_port = {mx.port}'
+            with running_server(tmp_path / "md", _seed_with(delivery, ORDINARY)) as server:
+                server.send(message("via mx", to="team@example.com"), to=("team@example.com",))
+                [received] = mx.wait_for(1, timeout=20)
+                assert received.rcpt_tos == ("friend@example.org",)
+                assert b"Subject: via mx" in received.data
+
+
+def test_kill_9_during_load_loses_no_acknowledged_message(tmp_path: Path) -> None:
+    """500 messages from 4 clients; the server is killed with SIGKILL midway and restarted.
+    Every message that got a 250 must reach both the PC mailbox and the gmail sink."""
+    with running_sink() as gmail, running_server(tmp_path, gmail=f"{gmail.host}:{gmail.port}") as server:
+        acked: list[str] = []
+        lock = threading.Lock()
+
+        def client(n: int) -> None:
+            for i in range(125):
+                subject = f"crash-{n}-{i}"
+                try:
+                    server.send(message(subject))
+                except Exception:
+                    continue  # refused or cut off: not acknowledged, so not promised
+                with lock:
+                    acked.append(subject)
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        while len(acked) < 150:
+            time.sleep(0.005)
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait()
+        for t in threads:
+            t.join()
+        server.start()  # restart on the same state directory
+        assert 150 <= len(acked) < 500 or len(acked) == 500
+        server.send(message("after restart"))
+        want = set(acked) | {"after restart"}
+
+        def subjects(blobs: list[bytes]) -> set[str]:
+            found = set()
+            for blob in blobs:
+                for line in blob.split(b"\r\n"):
+                    if line.startswith(b"Subject: "):
+                        found.add(line[9:].decode())
+                        break
+            return found
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if want <= subjects(server.mailbox(PC)) and want <= subjects([m.data for m in gmail.messages]):
+                break
+            time.sleep(0.2)
+        missing_pc = want - subjects(server.mailbox(PC))
+        missing_gmail = want - subjects([m.data for m in gmail.messages])
+        assert not missing_pc and not missing_gmail, (len(acked), sorted(missing_pc)[:5], sorted(missing_gmail)[:5])
+
+
+def _seed_with(delivery: str, extra: str) -> str:
+    return f"""\
+[server]
+hostname = "mx.example.com"
+[smtp]
+listen = ["127.0.0.1:{{smtp_port}}"]
+domains = ["example.com"]
+[delivery]
+{delivery}
+retry_first = "300ms"
+[mailbox."ituki@pc.example.net"]
+password = "x"
+[mailbox."ituki@gm.example.net"]
+password = "x"
+[forward."ituki@example.com"]
+to = ["ituki@pc.example.net", "ituki-ex@gmail.com"]
+[destination."ituki-ex@gmail.com"]
+hidden = true
+detour = "ituki@gm.example.net"
+{extra}
+""".replace("{{smtp_port}}", "{smtp_port}").replace("{", "{{").replace("}", "}}").replace("{{smtp_port}}", "{smtp_port}")

@@ -1,0 +1,93 @@
+"""The seed scenario end to end, over real sockets, with a real Postfix playing Gmail's MX.
+
+swaks and smtplib send; Postfix (127.0.0.2) accepts for gmail.com and refuses the EICAR test
+string; a capture sink plays the sender's own domain, so any bounce would be seen.
+"""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.harness import EICAR, Server, message, running_server
+from tests.peers import need
+from tests.peers.postfix import PostfixPeer, running_postfix
+from tests.peers.sinks import Sink, running_sink
+
+HIDDEN = "ituki-ex@gmail.com"
+PC = "ituki@pc.example.net"
+DETOUR = "ituki@gm.example.net"
+
+
+@pytest.fixture
+def world(tmp_path: Path):  # type: ignore[no-untyped-def]
+    with running_postfix(tmp_path / "gmail") as gmail, running_sink() as sender_domain:
+        with running_server(tmp_path / "md", gmail=f"{gmail.host}:{gmail.port}",
+                            sender_sink=f"{sender_domain.host}:{sender_domain.port}") as server:
+            yield server, gmail, sender_domain
+
+
+def assert_no_leak(*blobs: bytes) -> None:
+    for blob in blobs:
+        assert HIDDEN.encode() not in blob.lower(), blob[:2000]
+        assert b"ituki-ex" not in blob.lower()
+
+
+def test_normal_mail_reaches_the_pc_mailbox_and_the_gmail_mx(world) -> None:  # type: ignore[no-untyped-def]
+    server, gmail, sender_domain = world
+    swaks = need("swaks")
+    result = subprocess.run(
+        [swaks, "--server", f"127.0.0.1:{server.smtp_port}", "--from", "alice@sender.example",
+         "--to", "ituki@example.com", "--header", "Subject: normal mail", "--body", "hello there"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "250 2.0.0 OK: queued as" in result.stdout
+    assert_no_leak(result.stdout.encode())
+    [pc_copy] = server.wait_mailbox(PC, 1)
+    [gmail_copy] = gmail.wait_messages(HIDDEN, 1)
+    assert b"Subject: normal mail" in pc_copy and b"Subject: normal mail" in gmail_copy
+    assert b"by mx.example.com (maildetour)" in gmail_copy
+    assert_no_leak(pc_copy)
+    assert server.mailbox(DETOUR) == []
+    assert sender_domain.messages == []
+
+
+def test_mail_gmail_refuses_is_detoured_and_the_sender_hears_nothing(world) -> None:  # type: ignore[no-untyped-def]
+    server, gmail, sender_domain = world
+    queue_id = server.send(message("eicar test", body=EICAR + b"\r\n"))
+    [pc_copy] = server.wait_mailbox(PC, 1)
+    [detoured] = server.wait_mailbox(DETOUR, 1)
+    assert EICAR in pc_copy and EICAR in detoured
+    events = server.wait_event(queue_id, "detoured")
+    kinds = [e[0] for e in events]
+    assert "refused" in kinds and "detoured" in kinds and "bounced" not in kinds
+    refused = next(e for e in events if e[0] == "refused")
+    assert "550 5.7.0" in refused[2]  # Postfix's body_checks REJECT, really sent by Postfix
+    assert gmail.messages(HIDDEN) == []
+    assert_no_leak(pc_copy, detoured)
+    # No DSN, no delay notice, nothing at all goes back to the sender's domain.
+    server.wait_event(queue_id, "delivered")
+    assert sender_domain.messages == []
+    trace = server.cli("trace", queue_id)
+    assert trace.returncode == 0 and "detoured" in trace.stdout and DETOUR in trace.stdout
+
+
+def test_an_unknown_gmail_user_is_detoured_with_an_operator_alert(tmp_path: Path) -> None:
+    with running_postfix(tmp_path / "gmail", users=("someone-else@gmail.com",)) as gmail, \
+            running_sink() as sender_domain, \
+            running_server(tmp_path / "md", gmail=f"{gmail.host}:{gmail.port}",
+                           sender_sink=f"{sender_domain.host}:{sender_domain.port}") as server:
+        queue_id = server.send(message("to a gone account"))
+        server.wait_mailbox(DETOUR, 1)
+        events = server.wait_event(queue_id, "detoured")
+        refused = next(e for e in events if e[0] == "refused")
+        assert "5.1.1" in refused[2] and "alert" in refused[2]
+        assert sender_domain.messages == []
+
+
+def test_an_unreachable_gmail_detours_at_once(tmp_path: Path) -> None:
+    # Nothing listens on 127.0.0.2:9: connection refused is "unreachable", not a 10-minute wait.
+    with running_server(tmp_path / "md", gmail="127.0.0.2:9") as server:
+        queue_id = server.send(message("gmail is down"))
+        server.wait_mailbox(DETOUR, 1)
+        assert "detoured" in [e[0] for e in server.events(queue_id)]
