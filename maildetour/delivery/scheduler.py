@@ -55,8 +55,8 @@ class Scheduler:
     def submit(self, copies: list[Copy], data: bytes | None = None) -> None:
         """Schedule copies (new, or loaded at start-up). Wakes the loop at once."""
         for copy in copies:
-            if copy.state != "queued":
-                continue
+            if copy.state != "queued" or copy.id in self._copies:
+                continue  # final, or already known (start-up loading races with new mail)
             self._copies[copy.id] = copy
             self._by_message.setdefault(copy.queue_id, set()).add(copy.id)
             heapq.heappush(self._heap, (copy.next_at, next(self._seq), copy.id))
@@ -84,11 +84,13 @@ class Scheduler:
 
     def _due_groups(self, now: float) -> list[list[Copy]]:
         groups: dict[tuple[str, str, str], list[Copy]] = {}
+        taken: set[int] = set()
         while self._heap and self._heap[0][0] <= now:
             due, _, copy_id = heapq.heappop(self._heap)
             copy = self._copies.get(copy_id)
-            if copy is None or copy_id in self._busy or copy.next_at > due:
-                continue  # finished, in flight, or rescheduled (a later heap entry exists)
+            if copy is None or copy_id in self._busy or copy_id in taken or copy.next_at > due:
+                continue  # finished, in flight, taken, or rescheduled (a later entry exists)
+            taken.add(copy_id)
             kind = self.table.kind(copy.target)
             domain = copy.target.rsplit("@", 1)[-1] if kind == "smtp" else ""
             groups.setdefault((copy.queue_id, kind, domain), []).append(copy)

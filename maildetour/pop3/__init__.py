@@ -1,5 +1,5 @@
 """maildetour.pop3: the POP3 server for hosted Maildir mailboxes (issue 3, docs/pop3.md).
 
-`protocol` is the sans-I/O state machine, `server` the asyncio wrapper (`start_pop3`),
+`protocol` is the sans-I/O state machine (`events` its values), `server` the asyncio wrapper (`start_pop3`),
 `wire` the RETR/TOP encoder, `throttle` the failed-login throttle, `settings` every limit.
 """

@@ -15,85 +15,11 @@ import base64
 import binascii
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from maildetour.pop3.events import (
+    CheckLogin, Close, Effect, Expunge, LoginAccepted, LoginInUse, LoginRefused, LoginResult,
+    LoginUnavailable, Pop3Message, Send, SendMessage, StartTls)
 from maildetour.pop3.settings import Pop3Settings
-
-
-@dataclass(frozen=True, slots=True)
-class Pop3Message:
-    """One message of the snapshot taken at login: its UIDL and size in octets (CRLF)."""
-
-    uid: str
-    size: int
-
-
-# --- effects (protocol -> wrapper) ---------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Send:
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class SendMessage:
-    """Open snapshot message `index` (0-based); if it is gone send `MESSAGE_GONE`, else send
-    `first_line`, then the stuffed message (`body_lines` None: all; n: header + n lines)."""
-
-    index: int
-    first_line: bytes
-    body_lines: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class CheckLogin:
-    """Verify credentials, lock and list the mailbox; answer with `login_result`."""
-
-    username: str
-    password: str
-
-
-@dataclass(frozen=True, slots=True)
-class StartTls:
-    """Drop any unread input, start TLS, then call `tls_started` (or close on failure)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Expunge:
-    """Remove these snapshot messages (0-based indexes) and answer with `expunged`."""
-
-    indexes: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Close:
-    """Close the connection; nothing more will be produced."""
-
-
-Effect = Send | SendMessage | CheckLogin | StartTls | Expunge | Close
-
-
-# --- login results (wrapper -> protocol) ---------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class LoginAccepted:
-    messages: tuple[Pop3Message, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class LoginRefused:
-    """Wrong user name or password, or throttled: the client is not told which."""
-
-
-@dataclass(frozen=True, slots=True)
-class LoginInUse:
-    """Right password, but another session holds the mailbox."""
-
-
-@dataclass(frozen=True, slots=True)
-class LoginUnavailable:
-    """Right password, but the mailbox could not be read."""
-
-
-LoginResult = LoginAccepted | LoginRefused | LoginInUse | LoginUnavailable
 
 
 class State(enum.Enum):
@@ -165,8 +91,12 @@ class Pop3Session:
         return self._run()
 
     def login_result(self, result: LoginResult) -> list[Effect]:
+        """The wrapper's answer to `CheckLogin`; goes on with any pipelined lines."""
         if self.state is not State.LOGIN_PENDING:
             raise RuntimeError("login_result without a pending login")
+        return self._login_outcome(result) + self._run()
+
+    def _login_outcome(self, result: LoginResult) -> list[Effect]:
         self.state = State.AUTHORIZATION
         match result:
             case LoginAccepted(messages):
@@ -184,7 +114,7 @@ class Pop3Session:
                 if self._login_failures >= self._settings.max_login_failures:
                     return self._close(_ERR_AUTH_CLOSE)
                 effects = [Send(_ERR_AUTH)]
-        return effects + self._run()
+        return effects
 
     def tls_started(self) -> list[Effect]:
         if self.state is not State.TLS_PENDING:
@@ -333,8 +263,7 @@ class Pop3Session:
         return [CheckLogin(authcid, password)]
 
     def _refuse_login(self) -> list[Effect]:
-        self.state = State.LOGIN_PENDING
-        return self.login_result(LoginRefused())
+        return self._login_outcome(LoginRefused())
 
     def _stls(self, argument: str) -> list[Effect]:
         if not self._tls_available:

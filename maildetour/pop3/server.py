@@ -26,10 +26,10 @@ from pathlib import Path
 from maildetour.core.password import hash_password, verify_password
 from maildetour.mailbox.maildir import (
     READ_CHUNK, MaildirMessage, list_messages, open_message, remove)
-from maildetour.pop3.protocol import (
-    MESSAGE_GONE, TOO_MANY_CONNECTIONS, CheckLogin, Close, Effect, Expunge, LoginAccepted,
-    LoginInUse, LoginRefused, LoginResult, LoginUnavailable, Pop3Message, Pop3Session, Send,
-    SendMessage, StartTls, State)
+from maildetour.pop3.events import (
+    CheckLogin, Close, Effect, Expunge, LoginAccepted, LoginInUse, LoginRefused, LoginResult,
+    LoginUnavailable, Pop3Message, Send, SendMessage, StartTls)
+from maildetour.pop3.protocol import MESSAGE_GONE, TOO_MANY_CONNECTIONS, Pop3Session, State
 from maildetour.pop3.settings import Pop3Settings
 from maildetour.pop3.throttle import LoginThrottle
 from maildetour.pop3.wire import MessageEncoder

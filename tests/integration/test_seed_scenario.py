@@ -91,3 +91,23 @@ def test_an_unreachable_gmail_detours_at_once(tmp_path: Path) -> None:
         queue_id = server.send(message("gmail is down"))
         server.wait_mailbox(DETOUR, 1)
         assert "detoured" in [e[0] for e in server.events(queue_id)]
+
+
+def test_a_detoured_message_can_be_fetched_over_pop3_as_gmail_would(tmp_path: Path) -> None:
+    import poplib
+
+    with running_postfix(tmp_path / "gmail") as gmail, \
+            running_server(tmp_path / "md", gmail=f"{gmail.host}:{gmail.port}", pop3=True) as server:
+        server.send(message("refused then fetched", body=EICAR + b"\r\n"))
+        server.wait_mailbox(DETOUR, 1)
+        assert server.pop3_port is not None
+        client = poplib.POP3("127.0.0.1", server.pop3_port, timeout=15)
+        client.user(DETOUR)
+        client.pass_("change-me-too")
+        count, _size = client.stat()
+        assert count == 1
+        _resp, lines, _octets = client.retr(1)
+        fetched = b"\r\n".join(lines)
+        assert b"Subject: refused then fetched" in fetched and EICAR in fetched
+        assert_no_leak(fetched)
+        client.quit()

@@ -7,9 +7,10 @@ import base64
 
 import pytest
 
-from maildetour.pop3.protocol import (
+from maildetour.pop3.events import (
     CheckLogin, Close, Effect, Expunge, LoginAccepted, LoginInUse, LoginRefused,
-    LoginUnavailable, Pop3Message, Pop3Session, Send, SendMessage, StartTls, State)
+    LoginUnavailable, Pop3Message, Send, SendMessage, StartTls)
+from maildetour.pop3.protocol import Pop3Session, State
 from maildetour.pop3.settings import Pop3Settings
 from maildetour.pop3.throttle import LoginThrottle, client_key
 from maildetour.pop3.wire import MessageEncoder
@@ -324,3 +325,9 @@ def test_throttle_counts_an_ipv6_slash_64_as_one_client_and_stays_bounded() -> N
         throttle.record_failure(f"10.0.0.{i}", f"u{i}", now=0)
     assert throttle.blocked("10.0.0.49", "fresh", now=1)
     assert not throttle.blocked("10.0.0.0", "fresh", now=1)  # forgotten: memory is bounded
+
+
+def test_many_pipelined_bad_auth_lines_are_answered_without_recursion() -> None:
+    session = new_session(max_login_failures=100_000, max_bad_commands=100_000)
+    effects = session.receive(b"AUTH PLAIN !!\r\n" * 5000)
+    assert text(effects).count("-ERR [AUTH]") == 5000

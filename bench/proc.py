@@ -1,0 +1,82 @@
+"""Process and port helpers for the bench: free ports, waiting for a port, CPU and memory.
+
+What it does: `free_port` asks the kernel for a free loopback TCP port; `wait_port` polls until
+something accepts there; `group_members`, `cpu_seconds_tree` and `memory_kb` read Linux /proc.
+Contract: loopback only; read-only on /proc. Exposure: bench-only. Failure: `wait_port` raises
+TimeoutError (or RuntimeError when the process it waits for exits first).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_port(host: str, port: int, *, timeout: float,
+              alive: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if alive is not None and alive.poll() is not None:
+            raise RuntimeError(f"process exited with {alive.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"nothing accepts on {host}:{port} after {timeout}s")
+        time.sleep(0.05)
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rpartition(")")[2].split()  # fields from index 0 = state (field 3 in proc(5))
+
+
+def group_members(group: int) -> list[int]:
+    """PIDs of live (non-zombie) processes in process group `group`."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields and int(fields[2]) == group and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def cpu_seconds_tree(pid: int) -> float:
+    """utime+stime of `pid`, of its reaped children (cutime+cstime), and of its live children."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return 0.0
+    ticks = sum(int(fields[i]) for i in (11, 12, 13, 14))
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and (child := _stat_fields(int(entry.name))) and int(child[1]) == pid:
+            ticks += int(child[11]) + int(child[12])
+    return ticks / _TICKS
+
+
+def memory_kb(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of `pid` in KiB: resident now, and the peak since it started."""
+    rss = hwm = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1])
+        elif line.startswith("VmHWM:"):
+            hwm = int(line.split()[1])
+    return rss, hwm

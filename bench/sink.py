@@ -1,0 +1,114 @@
+"""The stand-in "gmail": an aiosmtpd server that accepts, refuses a share, or answers 4xx.
+
+What it does: `python3 -m bench.sink --port P [--refuse-share X] [--tempfail]` listens on
+127.0.0.1:P, prints `ready` once it listens, then one line per finished transaction on stdout:
+`<CLOCK_MONOTONIC ns> <seq> <A|R|T>` (accepted, refused, temporary failure), where <seq> is the
+message's `X-Bench-Seq:` header or `-`. The time is taken when the end of DATA is received,
+before the reply is sent (for 4xx at RCPT: when RCPT arrives). A message carrying
+`X-Bench-Refuse: yes` is always refused; otherwise every message whose running count k satisfies
+floor(k * share) > floor((k - 1) * share) is refused (an exact, evenly spread share).
+Refusals are `552 5.7.0` at end of DATA, as Gmail refuses content; `--tempfail` answers every
+RCPT with `451 4.7.0` (a downstream that is away). Nothing is stored.
+
+Contract: loopback only; no DNS (hostname given). Exposure: bench-only. Failure: exits with an
+exception when the port is taken; the parent notices the missing `ready`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiosmtpd.smtp import SMTP
+
+REFUSE_MARK = b"\nx-bench-refuse: yes"
+SEQ_MARK = b"\nx-bench-seq: "
+REFUSAL = "552 5.7.0 Message refused by the stand-in gmail (bench)"
+TEMPFAIL = "451 4.7.0 Try again later (bench stand-in is away)"
+HEADER_SCAN = 4096  # the bench headers sit at the top; don't scan 5 KB bodies
+
+
+@dataclass(frozen=True, slots=True)
+class SinkSettings:
+    refuse_share: float = 0.0
+    tempfail: bool = False
+
+
+def message_seq(data: bytes) -> str:
+    """The X-Bench-Seq header's value, or '-' (case-insensitive, first HEADER_SCAN bytes)."""
+    head = b"\n" + data[:HEADER_SCAN].lower()
+    at = head.find(SEQ_MARK)
+    if at < 0:
+        return "-"
+    start = at + len(SEQ_MARK)
+    end = head.find(b"\n", start)
+    return head[start:end].strip().decode("ascii", "replace") or "-"
+
+
+def refused_by_share(count: int, share: float) -> bool:
+    """Whether the count-th message (1-based) is refused, spreading `share` evenly."""
+    return math.floor(count * share + 1e-9) > math.floor((count - 1) * share + 1e-9)
+
+
+class StandInGmail:
+    """aiosmtpd handler; writes one line per transaction to `out`."""
+
+    def __init__(self, settings: SinkSettings, out: Any) -> None:
+        self.settings, self.out, self.count = settings, out, 0
+
+    def _note(self, stamp: int, seq: str, verdict: str) -> None:
+        self.out.write(f"{stamp} {seq} {verdict}\n")
+        self.out.flush()
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          rcpt_options: list[str]) -> str:
+        if self.settings.tempfail:
+            self._note(time.monotonic_ns(), "-", "T")
+            return TEMPFAIL
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        stamp = time.monotonic_ns()
+        data: bytes = envelope.original_content or b""
+        self.count += 1
+        seq = message_seq(data)
+        marked = REFUSE_MARK in b"\n" + data[:HEADER_SCAN].lower()
+        if marked or (seq == "-" and refused_by_share(self.count, self.settings.refuse_share)):
+            self._note(stamp, seq, "R")
+            return REFUSAL
+        self._note(stamp, seq, "A")
+        return "250 2.0.0 OK stand-in gmail accepted"
+
+
+async def serve(port: int, settings: SinkSettings) -> None:
+    loop = asyncio.get_running_loop()
+    handler = StandInGmail(settings, sys.stdout)
+    server = await loop.create_server(
+        lambda: SMTP(handler, hostname="mx.gmail.standin", ident="ESMTP", decode_data=False),
+        host="127.0.0.1", port=port, backlog=256)
+    print("ready", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.sink", description=__doc__.split("\n")[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--refuse-share", type=float, default=0.0)
+    parser.add_argument("--tempfail", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        asyncio.run(serve(args.port, SinkSettings(args.refuse_share, args.tempfail)))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

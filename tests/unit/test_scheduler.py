@@ -1,0 +1,134 @@
+"""The scheduler with fakes: immediate delivery, detour chains, quarantine, private DSNs, restart."""
+
+import asyncio
+from pathlib import Path
+
+from maildetour.core.outcome import Delivered, Outcome, PermanentFailure, TemporaryFailure
+from maildetour.core.redact import Redactor
+from maildetour.core.routing import RoutingTable
+from maildetour.delivery.scheduler import Scheduler
+from maildetour.store.records import Event, NewCopy, NewMessage
+from tests.configs import SEED, seed_config
+from tests.fakes import MemoryStore, ScriptedAgent
+
+HIDDEN, PC, DETOUR = "ituki-ex@gmail.com", "ituki@pc.example.net", "ituki@gm.example.net"
+CHAIN = SEED + """
+[mailbox."last@example.com"]
+password = "x"
+[forward."team@example.com"]
+to = ["friend@example.org"]
+"""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(tmp_path: Path, smtp: ScriptedAgent, local: ScriptedAgent, copies: list[tuple[str, str]],
+        *, sender: str = "alice@sender.example", until: int = 1, text: str = CHAIN) -> MemoryStore:
+    """Accept one message with `copies` (recipient, target), run the scheduler until the store
+    has `until` finished messages (or 2 s pass), and return the store."""
+    config = seed_config(tmp_path, text)
+    store, clock = MemoryStore(), Clock()
+    table = RoutingTable.from_config(config)
+    scheduler = Scheduler(store=store, table=table, agents={"smtp": smtp, "local": local},
+                          delivery=config.delivery, hostname="mx.example.com",
+                          redactor=Redactor(frozenset({HIDDEN, "friend@example.org"})), clock=clock)
+
+    async def main() -> None:
+        task = asyncio.create_task(scheduler.run())
+        message = NewMessage("Q1", sender, clock.now, "<m@x>", 10, "client [127.0.0.1]")
+        new = [NewCopy(r, t, table.is_hidden(t)) for r, t in copies]
+        made = await store.accept(message, b"Subject: hi\r\n\r\nbody\r\n", new,
+                                  [Event(clock.now, "Q1", None, "accepted", "", "")])
+        scheduler.submit(made, b"Subject: hi\r\n\r\nbody\r\n")
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if len(store.finished) >= until:
+                break
+        task.cancel()
+
+    asyncio.run(main())
+    return store
+
+
+def ok(rcpt: str, n: int) -> Outcome:
+    return Delivered("250 ok")
+
+
+def test_every_copy_is_delivered_at_once_in_one_job_per_kind(tmp_path: Path) -> None:
+    smtp, local = ScriptedAgent(ok), ScriptedAgent(ok)
+    store = run(tmp_path, smtp, local, [("ituki@example.com", PC), ("ituki@example.com", HIDDEN)])
+    assert [j.recipients for j in smtp.jobs] == [(HIDDEN,)]
+    assert [j.recipients for j in local.jobs] == [(PC,)]
+    assert {c.state for c in store.copies.values()} == {"delivered"}
+    assert store.finished == ["Q1"]
+
+
+def test_a_refused_hidden_copy_detours_and_the_sender_gets_nothing(tmp_path: Path) -> None:
+    smtp = ScriptedAgent(lambda r, n: PermanentFailure("552 5.7.0 virus"))
+    local = ScriptedAgent(ok)
+    store = run(tmp_path, smtp, local, [("ituki@example.com", HIDDEN)])
+    assert store.kinds("Q1")[1:] == [("refused", HIDDEN), ("detoured", DETOUR), ("delivered", DETOUR)]
+    assert [j.recipients for j in local.jobs] == [(DETOUR,)]
+    assert len(store.messages) == 1  # no DSN message was created
+
+
+def test_when_the_detour_fails_too_the_copy_is_quarantined_without_a_dsn(tmp_path: Path) -> None:
+    text = CHAIN.replace('detour       = "ituki@gm.example.net"', 'detour       = "backup@example.net"')
+    smtp = ScriptedAgent(lambda r, n: PermanentFailure("550 5.7.1 no"))
+    store = run(tmp_path, smtp, ScriptedAgent(ok), [("ituki@example.com", HIDDEN)], text=text)
+    kinds = [k for k, _ in store.kinds("Q1")]
+    assert kinds[-1] == "quarantined" and "bounced" not in kinds
+    assert len(store.messages) == 1
+    [copy] = store.copies.values()
+    assert copy.state == "quarantined" and copy.target == "backup@example.net" and copy.detours == 1
+
+
+def test_an_ordinary_forward_refused_for_good_sends_a_private_dsn(tmp_path: Path) -> None:
+    smtp = ScriptedAgent(lambda r, n: PermanentFailure("550 5.1.1 <friend@example.org> unknown")
+                         if r == "friend@example.org" else Delivered("250 ok"))
+    store = run(tmp_path, smtp, ScriptedAgent(ok), [("team@example.com", "friend@example.org")], until=2)
+    assert ("bounced", "friend@example.org") in store.kinds("Q1")
+    [dsn_id] = [q for q in store.messages if q != "Q1"]
+    dsn_message, dsn = store.messages[dsn_id]
+    assert dsn_message.mail_from == ""
+    assert b"team@example.com" in dsn and b"friend" not in dsn
+    assert [j.recipients for j in smtp.jobs][-1] == ("alice@sender.example",)
+
+
+def test_temporary_failures_are_retried_not_detoured_before_detour_after(tmp_path: Path) -> None:
+    smtp = ScriptedAgent(lambda r, n: TemporaryFailure("451 4.3.0 later"))
+    store = run(tmp_path, smtp, ScriptedAgent(ok), [("ituki@example.com", HIDDEN)])
+    [copy] = store.copies.values()
+    assert copy.state == "queued" and copy.attempts == 1 and copy.first_failure is not None
+    assert copy.next_at == copy.first_failure + 60  # retry_first default
+    assert store.finished == []
+
+
+def test_at_start_up_unfinished_copies_are_delivered_again(tmp_path: Path) -> None:
+    config = seed_config(tmp_path, CHAIN)
+    store = MemoryStore()
+    smtp, local = ScriptedAgent(ok), ScriptedAgent(ok)
+
+    async def main() -> None:
+        made = await store.accept(NewMessage("Q0", "a@b.example", 5.0, "", 1, "c"), b"x\r\n",
+                                  [NewCopy("ituki@example.com", HIDDEN, True)], [])
+        assert made[0].state == "queued"
+        scheduler = Scheduler(store=store, table=RoutingTable.from_config(config),
+                              agents={"smtp": smtp, "local": local}, delivery=config.delivery,
+                              hostname="mx.example.com", redactor=Redactor(frozenset()), clock=Clock())
+        task = asyncio.create_task(scheduler.run())
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if store.finished:
+                break
+        task.cancel()
+
+    asyncio.run(main())
+    assert [j.recipients for j in smtp.jobs] == [(HIDDEN,)]
+    assert store.finished == ["Q0"]
