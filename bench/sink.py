@@ -9,6 +9,8 @@ before the reply is sent (for 4xx at RCPT: when RCPT arrives). A message carryin
 floor(k * share) > floor((k - 1) * share) is refused (an exact, evenly spread share).
 Refusals are `552 5.7.0` at end of DATA, as Gmail refuses content; `--tempfail` answers every
 RCPT with `451 4.7.0` (a downstream that is away). Nothing is stored.
+Control on stdin, one command a line, each answered `ok` on stdout: `share X`, `tempfail 1|0`
+(so the bench changes behaviour without a restart that would break pooled connections).
 
 Contract: loopback only; no DNS (hostname given). Exposure: bench-only. Failure: exits with an
 exception when the port is taken; the parent notices the missing `ready`.
@@ -21,7 +23,7 @@ import asyncio
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiosmtpd.smtp import SMTP
@@ -86,15 +88,38 @@ class StandInGmail:
         return "250 2.0.0 OK stand-in gmail accepted"
 
 
+def control(handler: StandInGmail, line: str) -> None:
+    """Apply one stdin command to the running handler."""
+    match line.split():
+        case ["share", value]:
+            handler.settings = replace(handler.settings, refuse_share=float(value))
+        case ["tempfail", value]:
+            handler.settings = replace(handler.settings, tempfail=value == "1")
+        case _:
+            raise ValueError(f"unknown sink command {line!r}")
+    handler.count = 0
+    print("ok", flush=True)
+
+
+async def _read_commands(handler: StandInGmail) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := await reader.readline():
+        control(handler, line.decode().strip())
+
+
 async def serve(port: int, settings: SinkSettings) -> None:
     loop = asyncio.get_running_loop()
     handler = StandInGmail(settings, sys.stdout)
+    commands = asyncio.create_task(_read_commands(handler))
     server = await loop.create_server(
         lambda: SMTP(handler, hostname="mx.gmail.standin", ident="ESMTP", decode_data=False),
         host="127.0.0.1", port=port, backlog=256)
     print("ready", flush=True)
     async with server:
-        await server.serve_forever()
+        await commands  # the parent closing our stdin ends the sink
+
 
 
 def main(argv: list[str] | None = None) -> int:

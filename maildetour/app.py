@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import dns.asyncresolver
+import dns.resolver
 
 from maildetour.config.model import Config
 from maildetour.core.redact import Redactor
@@ -24,24 +25,29 @@ from maildetour.delivery.local import LocalAgent
 from maildetour.delivery.nexthop import NextHopResolver
 from maildetour.delivery.scheduler import Scheduler
 from maildetour.delivery.smtp_out import SmtpAgent
-from maildetour.inbound.handler import Handler, InboundLimits
+from maildetour.delivery.outgoing import Outgoing
+from maildetour.inbound.handler import Checks, Handler, InboundLimits
 from maildetour.inbound.server import SessionFactory, start_smtp
 from maildetour.pop3.server import Pop3Account, Pop3Server, start_pop3
 from maildetour.pop3.settings import Pop3Settings
+from maildetour.sign.dnsfunc import DnsLookup
 from maildetour.store.sqlite import SqliteStore
 
 log = logging.getLogger("maildetour")
 
 
-def make_resolver(config: Config) -> dns.asyncresolver.Resolver:
-    """The configured DNS servers, or the system's when none are configured."""
+def make_resolver(config: Config, kind: type[dns.resolver.Resolver] = dns.asyncresolver.Resolver
+                  ) -> dns.resolver.Resolver:
+    """The configured DNS servers, or the system's when none are configured. Delivery uses the
+    async kind; the checks and ARC (which run in threads) the blocking kind."""
     servers = config.delivery.dns_servers
     if not servers:
-        return dns.asyncresolver.Resolver()
-    resolver = dns.asyncresolver.Resolver(configure=False)
+        return kind()
+    resolver = kind(configure=False)
     resolver.nameservers = [s.host for s in servers]
     resolver.nameserver_ports = {s.host: s.port for s in servers}
     resolver.lifetime = 10.0
+    resolver.cache = dns.resolver.Cache()
     return resolver
 
 
@@ -77,11 +83,16 @@ class App:
     async def run(self) -> None:
         config = self.config
         config.server.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        store = SqliteStore(config.queue_db, config.spool_dir, config.audit_log)
         table = RoutingTable.from_config(config)
+        sync_resolver = make_resolver(config, dns.resolver.Resolver)
+        authserv_id = config.checks.authserv_id
+        outgoing = None if config.signing is None else Outgoing.from_config(
+            config.signing, authserv_id=authserv_id, dnsfunc=DnsLookup(sync_resolver), clock=self.clock)
+        checks = Checks(authserv_id, sync_resolver, config.checks.timeout) if config.checks.inbound else None
+        store = SqliteStore(config.queue_db, config.spool_dir, config.audit_log)
         smtp_agent = SmtpAgent(
             local_hostname=config.server.hostname,
-            nexthop=NextHopResolver(make_resolver(config), relay={
+            nexthop=NextHopResolver(make_resolver(config), relay={  # type: ignore[arg-type]
                 domain: (hp.host, hp.port) for domain, hp in config.delivery.relay.items()},
                 port=config.delivery.smtp_port),
             connect_timeout=config.delivery.connect_timeout,
@@ -94,11 +105,14 @@ class App:
             store=store, table=table, agents={"smtp": smtp_agent, "local": LocalAgent(config.mailbox_dir)},
             delivery=config.delivery, hostname=config.server.hostname,
             redactor=Redactor(private_addresses(config)), clock=self.clock,
+            outgoing=outgoing, authserv_id=authserv_id if checks is not None else None,
         )
         handler = Handler(
             table=table, store=store, hostname=config.server.hostname,
             limits=InboundLimits(config.smtp.max_recipients, config.smtp.max_received),
-            on_accepted=scheduler.submit, clock=self.clock,
+            on_accepted=scheduler.submit, clock=self.clock, checks=checks,
+            srs=outgoing.srs if outgoing is not None else None, on_late_bounce=scheduler.late_bounce,
+            authserv_id=authserv_id if outgoing is not None else None,
         )
         factory = SessionFactory(
             handler, hostname=config.server.hostname, max_sessions=config.smtp.max_sessions,

@@ -19,6 +19,7 @@ class MemoryStore:
         self.copies: dict[int, Copy] = {}
         self.events: list[Event] = []
         self.finished: list[str] = []
+        self.kept: dict[str, float | None] = {}
         self.fail_accept: Exception | None = None
         self._next = 1
 
@@ -48,8 +49,21 @@ class MemoryStore:
     async def read(self, queue_id: str) -> bytes:
         return self.messages[queue_id][1]
 
-    async def finish(self, queue_id: str) -> None:
+    async def finish(self, queue_id: str, keep_until: float | None = None) -> None:
         self.finished.append(queue_id)
+        self.kept[queue_id] = keep_until
+
+    async def find_copy(self, key: str, target: str) -> Copy | None:
+        for copy in self.copies.values():
+            if key in (copy.queue_id, self.messages[copy.queue_id][0].message_id) and copy.target == target:
+                return copy
+        return None
+
+    async def purge(self, now: float) -> int:
+        gone = [q for q, until in self.kept.items() if until is not None and until < now]
+        for q in gone:
+            self.kept[q] = None
+        return len(gone)
 
     async def story(self, key: str) -> Story | None:
         if key not in self.messages:

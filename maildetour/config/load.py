@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from maildetour.config.model import (
+    SKIP_CONDITIONS,
+    ChecksConfig,
     Config,
     DeliveryConfig,
     Destination,
@@ -21,6 +23,7 @@ from maildetour.config.model import (
     Mailbox,
     Pop3Config,
     ServerConfig,
+    SigningConfig,
     SmtpConfig,
 )
 from maildetour.core.address import AddressError, check_domain, parse_address
@@ -145,8 +148,10 @@ def build_config(raw: dict[str, Any], path: Path) -> Config:
     mailboxes = _mailboxes(top.sub_table("mailbox"))
     forwards = _forwards(top.sub_table("forward"))
     destinations = _destinations(top.sub_table("destination"))
+    signing = _signing(top, base)
+    checks = _checks(top.sub_table("checks"), server.hostname, signing is not None)
     top.finish()
-    config = Config(path, server, smtp, pop3, delivery, mailboxes, forwards, destinations)
+    config = Config(path, server, smtp, pop3, delivery, mailboxes, forwards, destinations, signing, checks)
     _cross_check(config)
     return config
 
@@ -266,6 +271,47 @@ def _delivery(t: _Table) -> DeliveryConfig:
         retry_max=t.convert("retry_max", parse_duration, d.retry_max),
         max_lifetime=t.convert("max_lifetime", parse_duration, d.max_lifetime),
         tls=tls,
+        late_bounce_window=t.convert("late_bounce_window", parse_duration, d.late_bounce_window),
+    )
+    t.finish()
+    return config
+
+
+def _signing(top: _Table, base: Path) -> SigningConfig | None:
+    if "signing" not in top.data:
+        top.used.add("signing")
+        return None
+    t = top.sub_table("signing")
+    path = _relative(base)
+
+    def required(sub: str) -> str:
+        value = t.get(sub, str, None)
+        if not value:
+            raise ConfigError(t.name(sub), "required in [signing]")
+        return value
+
+    domain = check_domain(required("domain"))
+    if isinstance(domain, AddressError):
+        raise ConfigError(t.name("domain"), domain.reason)
+    config = SigningConfig(
+        domain=domain,
+        selector=required("selector"),
+        dkim_key=path(t.name("dkim_key"), required("dkim_key")),
+        srs_secret_file=path(t.name("srs_secret_file"), required("srs_secret_file")),
+        ed25519_selector=t.get("ed25519_selector", str, None),
+        ed25519_key=t.convert("ed25519_key", path, None),
+    )
+    if (config.ed25519_selector is None) != (config.ed25519_key is None):
+        raise ConfigError(t.name("ed25519_key"), "ed25519_selector and ed25519_key go together")
+    t.finish()
+    return config
+
+
+def _checks(t: _Table, hostname: str, signing: bool) -> ChecksConfig:
+    config = ChecksConfig(
+        inbound=t.get("inbound", bool, signing),
+        authserv_id=t.get("authserv_id", str, hostname) or hostname,
+        timeout=t.convert("timeout", parse_duration, ChecksConfig().timeout),
     )
     t.finish()
     return config
@@ -320,11 +366,17 @@ def _destinations(t: _Table) -> dict[str, Destination]:
         dest = t.sub_table(name)
         address = _address(t.name(name), name)
         detour = dest.get("detour", str, None)
+        skip = dest.strings("skip_when")
+        for i, word in enumerate(skip):
+            if word not in SKIP_CONDITIONS:
+                raise ConfigError(f"{dest.name('skip_when')}[{i}]",
+                                  f"{word!r} is not one of {', '.join(SKIP_CONDITIONS)}")
         result[address] = Destination(
             address=address,
             hidden=dest.get("hidden", bool, False),
             detour=_address(dest.name("detour"), detour) if detour is not None else None,
-            detour_after=dest.convert("detour_after", parse_duration, Destination.detour_after),
+            detour_after=dest.convert("detour_after", parse_duration, Destination(address).detour_after),
+            skip_when=skip,
         )
         dest.finish()
     return result
@@ -342,6 +394,9 @@ def _cross_check(config: Config) -> None:
         for target in rule.to:
             if target == rule.pattern:
                 raise ConfigError(f'forward."{rule.pattern}".to', "a forward cannot target itself")
+    if config.signing is not None and config.signing.domain not in local_domains:
+        raise ConfigError("signing.domain", f"{config.signing.domain!r} must be one of smtp.domains "
+                          "(late bounces come back to SRS addresses there)")
     for dest in config.destinations.values():
         key = f'destination."{dest.address}"'
         seen = [dest.address]

@@ -75,6 +75,9 @@ class DeliveryConfig:
     # Ordinary (non-hidden) copies still failing after this long are bounced (Postfix: 5d).
     max_lifetime: float = 5 * 86400.0
     tls: str = "opportunistic"  # "opportunistic" | "none"
+    # Bytes of a message delivered to a hidden destination are kept this long, so a DSN that
+    # arrives later (a late bounce) can still send the copy down its detour.
+    late_bounce_window: float = 3 * 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +100,32 @@ class Destination:
     detour: str | None = None
     # Temporary failures this long detour too (the seed's "10m").
     detour_after: float = 600.0
+    # Inbound verdicts that send a copy straight down the detour without trying this
+    # destination: "spf-fail", "dkim-fail", "dmarc-fail" (see SKIP_CONDITIONS).
+    skip_when: tuple[str, ...] = ()
+
+
+SKIP_CONDITIONS = ("spf-fail", "spf-softfail", "dkim-fail", "dmarc-fail")
+
+
+@dataclass(frozen=True, slots=True)
+class SigningConfig:
+    domain: str  # d= of DKIM and ARC, and the SRS domain
+    selector: str
+    dkim_key: Path
+    srs_secret_file: Path
+    ed25519_selector: str | None = None
+    ed25519_key: Path | None = None  # base64 seed of an ed25519 key (RFC 8463), optional
+
+
+@dataclass(frozen=True, slots=True)
+class ChecksConfig:
+    # SPF/DKIM/DMARC of received mail -> Authentication-Results. Default: on when [signing]
+    # is configured (ARC needs the verdicts), off otherwise (like the seed's Postfix recipe).
+    inbound: bool = False
+    authserv_id: str = ""  # default: server.hostname
+    # DNS budget of each check stage; a slow DNS gives temperror, never a stall.
+    timeout: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +138,8 @@ class Config:
     mailboxes: dict[str, Mailbox]
     forwards: tuple[Forward, ...]
     destinations: dict[str, Destination]
+    signing: SigningConfig | None = None
+    checks: ChecksConfig = ChecksConfig()
 
     @property
     def spool_dir(self) -> Path:

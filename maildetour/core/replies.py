@@ -27,6 +27,9 @@ BAD_RECIPIENT = Reply(553, "5.1.3 Recipient address not accepted")
 BAD_SENDER = Reply(553, "5.1.7 Sender address not accepted")
 SOURCE_ROUTE = Reply(553, "5.1.3 Source routes are not accepted")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3 Too many recipients")
+# Bounces to our SRS addresses and ordinary mail go in separate transactions (452: the client
+# sends the rest again in a new one, RFC 5321 3.3).
+SEPARATE_BOUNCES = Reply(452, "4.5.3 Send bounces and other mail in separate transactions")
 BARE_CR_LF = Reply(550, "5.5.2 Message has bare CR or LF characters; use CRLF line endings")
 TOO_BIG = Reply(552, "5.3.4 Message size exceeds the fixed limit")
 LINE_TOO_LONG = Reply(500, "5.5.2 Line too long")

@@ -18,6 +18,8 @@ from dataclasses import replace
 from typing import Callable, Mapping
 
 from maildetour.config.model import DeliveryConfig
+from maildetour.core.authres import find_results, skip_reason, verdict_words
+from maildetour.core.bounce_report import parse_bounce
 from maildetour.core.dsn import Failure, build_dsn
 from maildetour.core.outcome import Delivered, Outcome, PermanentFailure, TemporaryFailure, Unreachable
 from maildetour.core.policy import Attempted, Bounce, Decision, Detour, Done, Fail, Quarantine, Retry, decide
@@ -25,6 +27,7 @@ from maildetour.core.received import find_message_id
 from maildetour.core.redact import Redactor
 from maildetour.core.routing import Kind, RoutingTable
 from maildetour.delivery.base import Agent, Job
+from maildetour.delivery.outgoing import Outgoing
 from maildetour.store.base import Store
 from maildetour.store.records import Copy, Event, NewCopy, NewMessage, new_queue_id
 
@@ -34,13 +37,17 @@ log = logging.getLogger("maildetour.delivery")
 MAX_PARALLEL_ATTEMPTS = 200
 # Keep message bytes in memory when its next retry is this close (seconds).
 HOT_WINDOW = 2.0
+# How often the bytes kept for late bounces are looked at for removal.
+PURGE_INTERVAL = 3600.0
 
 
 class Scheduler:
     def __init__(self, *, store: Store, table: RoutingTable, agents: Mapping[Kind, Agent],
                  delivery: DeliveryConfig, hostname: str, redactor: Redactor,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], outgoing: Outgoing | None = None,
+                 authserv_id: str | None = None) -> None:
         self.store, self.table, self.agents = store, table, agents
+        self.outgoing, self.authserv_id = outgoing, authserv_id
         self.delivery, self.hostname, self.redactor, self.clock = delivery, hostname, redactor, clock
         self._heap: list[tuple[float, int, int]] = []  # (due, tie-breaker, copy id)
         self._seq = itertools.count()
@@ -71,6 +78,8 @@ class Scheduler:
     async def run(self) -> None:
         self.submit(await self.store.unfinished())
         async with asyncio.TaskGroup() as tasks:
+            if self.outgoing is not None:
+                tasks.create_task(self._purge_loop())
             while True:
                 self._wake.clear()
                 for group in self._due_groups(self.clock()):
@@ -119,10 +128,33 @@ class Scheduler:
         if data is None:
             data = await self.store.read(copy.queue_id)
             self._data[copy.queue_id] = data
-        recipients = tuple(dict.fromkeys(c.target for c in group))
-        agent = self.agents[self.table.kind(copy.target)]
-        outcomes = await agent.deliver(Job(copy.queue_id, copy.mail_from, recipients, data))
-        return {target.lower(): outcome for target, outcome in outcomes.items()}
+        kind = self.table.kind(copy.target)
+        skipped = self._skipped(group, data) if kind == "smtp" else {}
+        recipients = tuple(t for t in dict.fromkeys(c.target for c in group) if t.lower() not in skipped)
+        if not recipients:
+            return skipped
+        mail_from = copy.mail_from
+        if kind == "smtp" and self.outgoing is not None:
+            prepared = await self.outgoing.prepare(mail_from, data)
+            mail_from, data = prepared.mail_from, prepared.data
+        outcomes = await self.agents[kind].deliver(Job(copy.queue_id, mail_from, recipients, data))
+        return {**skipped, **{target.lower(): outcome for target, outcome in outcomes.items()}}
+
+    def _skipped(self, group: list[Copy], data: bytes) -> dict[str, Outcome]:
+        """Copies whose destination's `skip_when` the inbound verdicts meet: not even tried."""
+        if self.authserv_id is None:
+            return {}
+        words: dict[str, str] | None = None
+        result: dict[str, Outcome] = {}
+        for copy in group:
+            dest = self.table.destinations.get(copy.target.lower())
+            if dest is None or not dest.skip_when:
+                continue
+            if words is None:
+                words = verdict_words(find_results(data, self.authserv_id))
+            if (reason := skip_reason(dest.skip_when, words)) is not None:
+                result[copy.target.lower()] = PermanentFailure(f"not tried: {reason} (skip_when)")
+        return result
 
     async def _settle(self, copy: Copy, outcome: Outcome) -> None:
         now = self.clock()
@@ -146,11 +178,11 @@ class Scheduler:
             case Done():
                 return replace(copy, state="delivered", attempts=attempts)
             case Retry(at=at, first_failure=first):
-                return replace(copy, attempts=attempts, next_at=at, first_failure=first)
+                return replace(copy, state="queued", attempts=attempts, next_at=at, first_failure=first)
             case Detour(to=to, reason=reason):
                 note("detoured", to, f"from {copy.target}: {reason}")
-                return replace(copy, target=to, attempts=0, next_at=now, first_failure=None,
-                               detours=copy.detours + 1)
+                return replace(copy, state="queued", target=to, attempts=0, next_at=now,
+                               first_failure=None, detours=copy.detours + 1)
             case Quarantine(reason=reason):
                 note("quarantined", copy.target, reason)
                 return replace(copy, state="quarantined", attempts=attempts)
@@ -189,7 +221,48 @@ class Scheduler:
             if not remaining:
                 del self._by_message[copy.queue_id]
                 self._data.pop(copy.queue_id, None)
-                await self.store.finish(copy.queue_id)
+                # With SRS, a DSN may come back later: keep the bytes for a detour then.
+                keep = self.outgoing is not None and copy.mail_from != ""
+                await self.store.finish(
+                    copy.queue_id, self.clock() + self.delivery.late_bounce_window if keep else None)
+
+    async def _purge_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PURGE_INTERVAL)
+            removed = await self.store.purge(self.clock())
+            if removed:
+                log.info("removed %d messages kept for late bounces", removed)
+
+    # --- late bounces -------------------------------------------------------------------------
+    async def late_bounce(self, message: NewMessage, data: bytes) -> None:
+        """A DSN came back to one of our SRS addresses. It is kept (for `trace`) but never
+        forwarded; each failed recipient it names that matches a copy we delivered counts as a
+        refusal of that copy (hidden: detour; ordinary: our own private DSN)."""
+        now = message.received_at
+        report = parse_bounce(data, self.hostname)
+        matches: list[tuple[Copy, str]] = []
+        for failed in report.failed:
+            for queue_id in report.queue_ids:
+                copy = await self.store.find_copy(queue_id, failed.address)
+                if copy is not None and copy.state == "delivered" and copy.id not in self._copies:
+                    matches.append((copy, f"late bounce {message.queue_id}: {failed.status} {failed.diagnostic}"))
+        events = [Event(now, message.queue_id, None, "accepted", "", f"DSN to our SRS address; client={message.client}")]
+        events += [Event(now, message.queue_id, None, "late-bounce", c.target, f"reports on {c.queue_id} copy #{c.id}")
+                   for c, _ in matches]
+        if not matches:
+            events.append(Event(now, message.queue_id, None, "quarantined", "",
+                                "late bounce matched no copy we delivered; kept, not forwarded"))
+        await self.store.accept(message, data, [], events)
+        for copy, reply in matches:
+            self._by_message.setdefault(copy.queue_id, set()).add(copy.id)
+            self._copies[copy.id] = copy
+            self._busy.add(copy.id)
+            try:
+                await self._settle(copy, PermanentFailure(reply))
+            finally:
+                self._busy.discard(copy.id)
+                self._wake.set()
+
 
     def _cool(self, queue_id: str) -> None:
         """Drop message bytes from memory unless a copy is in flight or due very soon."""

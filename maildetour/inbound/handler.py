@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
+
+import dns.resolver
 
 from maildetour.core import replies
 from maildetour.core.address import AddressError, parse_address
 from maildetour.core.received import count_received, find_message_id, has_bare_cr_or_lf, received_header
 from maildetour.core.routing import Accept, RoutingTable, route
 from maildetour.store.base import Store
+from maildetour.sign.srs import SrsCodec, SrsError, is_srs
+from maildetour.sign.verdicts import check, strip_our_results
 from maildetour.store.records import Copy, Event, NewCopy, NewMessage, new_queue_id
 
 log = logging.getLogger("maildetour.inbound")
@@ -30,11 +34,37 @@ class InboundLimits:
     max_received: int
 
 
+@dataclass(frozen=True, slots=True)
+class Checks:
+    """SPF/DKIM/DMARC of received mail, as one Authentication-Results header (sign.verdicts)."""
+
+    authserv_id: str
+    resolver: dns.resolver.Resolver
+    timeout: float
+
+    async def header(self, data: bytes, *, client_ip: str, helo: str, mail_from: str) -> bytes:
+        try:
+            verdicts = await check(data, client_ip=client_ip, helo=helo, mail_from=mail_from,
+                                   authserv_id=self.authserv_id, resolver=self.resolver, timeout=self.timeout)
+        except Exception:  # a bug in a check must not lose the message: no header, logged
+            log.exception("inbound checks failed; no Authentication-Results added")
+            return b""
+        return verdicts.field()
+
+
+LateBounce = Callable[[NewMessage, bytes], Awaitable[None]]
+
+
 class Handler:
     def __init__(self, *, table: RoutingTable, store: Store, hostname: str, limits: InboundLimits,
-                 on_accepted: Callable[[list[Copy], bytes], None], clock: Callable[[], float]) -> None:
+                 on_accepted: Callable[[list[Copy], bytes], None], clock: Callable[[], float],
+                 checks: Checks | None = None, srs: SrsCodec | None = None,
+                 on_late_bounce: LateBounce | None = None, authserv_id: str | None = None) -> None:
         self.table, self.store, self.hostname, self.limits = table, store, hostname, limits
         self.on_accepted, self.clock = on_accepted, clock
+        self.checks, self.srs, self.on_late_bounce = checks, srs, on_late_bounce
+        # Incoming Authentication-Results claiming our id are forged: removed when we check or sign.
+        self.authserv_id = checks.authserv_id if checks is not None else authserv_id
 
     async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
                           responses: list[str]) -> list[str]:
@@ -50,6 +80,7 @@ class Handler:
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         envelope.routes = []
+        envelope.srs_rcpts = []
         return str(replies.SENDER_OK)
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
@@ -60,6 +91,10 @@ class Handler:
         parsed = parse_address(address)
         if isinstance(parsed, AddressError):
             return str(replies.BAD_RECIPIENT)
+        if self.srs is not None and parsed.domain == self.srs.domain and is_srs(str(parsed)):
+            return self._srs_recipient(envelope, address, str(parsed))
+        if envelope.srs_rcpts:
+            return str(replies.SEPARATE_BOUNCES)
         found = route(self.table, parsed)
         if not isinstance(found, Accept):
             log.info("RCPT refused from %s: %s", session.peer, found.why)
@@ -67,6 +102,18 @@ class Handler:
         routes.append(found)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
+        return str(replies.RECIPIENT_OK)
+
+    def _srs_recipient(self, envelope: Any, address: str, srs_address: str) -> str:
+        """Our SRS address: only DSNs for mail we forwarded may come back here (late bounces).
+        A forged or expired one is unknown, so nobody can use us to reach arbitrary addresses."""
+        assert self.srs is not None
+        if envelope.routes:
+            return str(replies.SEPARATE_BOUNCES)
+        if isinstance(self.srs.reverse(srs_address, self.clock()), SrsError):
+            return str(replies.UNKNOWN_USER)
+        envelope.srs_rcpts.append(srs_address)
+        envelope.rcpt_tos.append(address)
         return str(replies.RECIPIENT_OK)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
@@ -77,18 +124,28 @@ class Handler:
         queue_id = new_queue_id(now)
         routes: Sequence[Accept] = envelope.routes
         client_ip = str(session.peer[0]) if session.peer else "unknown"
+        sender = "" if envelope.mail_from == NULL_SENDER else envelope.mail_from
+        if self.authserv_id is not None:
+            data = strip_our_results(data, self.authserv_id)
+        if self.checks is not None:
+            data = await self.checks.header(data, client_ip=client_ip, helo=session.host_name or "",
+                                            mail_from=sender) + data
         protocol = ("ESMTPS" if session.ssl else "ESMTP") if session.extended_smtp else "SMTP"
         if envelope.smtp_utf8:
             protocol = "UTF8SMTPS" if session.ssl else "UTF8SMTP"  # RFC 6531 section 3.7.3
         full = received_header(
             helo=session.host_name or "", client_ip=client_ip, hostname=self.hostname,
-            queue_id=queue_id, protocol=protocol, recipients=tuple(r.recipient for r in routes), now=now,
+            queue_id=queue_id, protocol=protocol,
+            recipients=tuple(r.recipient for r in routes) or tuple(envelope.srs_rcpts), now=now,
         ) + data
+        client = f"{session.host_name} [{client_ip}]"
+        if envelope.srs_rcpts:
+            assert self.on_late_bounce is not None
+            await self.on_late_bounce(NewMessage(queue_id, sender, now, find_message_id(data), len(full), client), full)
+            return str(replies.queued(queue_id))
         looped = count_received(full) > self.limits.max_received
         copies = self._plan(routes, "quarantined" if looped else "queued")
-        sender = "" if envelope.mail_from == NULL_SENDER else envelope.mail_from
-        message = NewMessage(queue_id, sender, now, find_message_id(data), len(full),
-                             f"{session.host_name} [{client_ip}]")
+        message = NewMessage(queue_id, sender, now, find_message_id(data), len(full), client)
         events = [Event(now, queue_id, None, "accepted", ",".join(r.recipient for r in routes),
                         f"from=<{sender}> client={message.client} size={len(full)}")]
         if looped:

@@ -32,8 +32,17 @@ class Store(Protocol):
     async def read(self, queue_id: str) -> bytes:
         ...
 
-    async def finish(self, queue_id: str) -> None:
-        """All copies are final: the message bytes may go (quarantined ones are kept)."""
+    async def finish(self, queue_id: str, keep_until: float | None = None) -> None:
+        """All copies are final: the message bytes may go (quarantined ones are kept, and
+        with `keep_until` they stay until then, for late bounces)."""
+        ...
+
+    async def find_copy(self, key: str, target: str) -> Copy | None:
+        """The copy of message `key` (queue id or Message-ID) that went to `target`."""
+        ...
+
+    async def purge(self, now: float) -> int:
+        """Remove the bytes of finished messages whose keep_until has passed; return how many."""
         ...
 
     async def story(self, key: str) -> Story | None:

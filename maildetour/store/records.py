@@ -24,6 +24,7 @@ EventKind = Literal[
     "dsn-sent",  # the DSN's queue id (on the failed copy's message)
     "failed",  # permanent failure nobody may be told about (a DSN that failed)
     "alert",  # something the operator should fix (e.g. the target mailbox does not exist)
+    "late-bounce",  # a DSN to our SRS address, matched to the copy it reports on
 ]
 
 

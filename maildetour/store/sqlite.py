@@ -29,7 +29,8 @@ CREATE TABLE IF NOT EXISTS messages (
     message_id TEXT NOT NULL,
     size INTEGER NOT NULL,
     client TEXT NOT NULL,
-    finished INTEGER NOT NULL DEFAULT 0
+    finished INTEGER NOT NULL DEFAULT 0,
+    keep_until REAL
 );
 CREATE INDEX IF NOT EXISTS messages_message_id ON messages(message_id);
 CREATE TABLE IF NOT EXISTS copies (
@@ -217,9 +218,12 @@ class SqliteStore:
     async def read(self, queue_id: str) -> bytes:
         return await asyncio.to_thread(self.spool.read, queue_id)
 
-    async def finish(self, queue_id: str) -> None:
+    async def finish(self, queue_id: str, keep_until: float | None = None) -> None:
         def mark(conn: sqlite3.Connection) -> bool:
-            conn.execute("UPDATE messages SET finished=1 WHERE queue_id=?", (queue_id,))
+            conn.execute("UPDATE messages SET finished=1, keep_until=? WHERE queue_id=?",
+                         (keep_until, queue_id))
+            if keep_until is not None:
+                return False
             held = conn.execute(
                 "SELECT 1 FROM copies WHERE queue_id=? AND state IN ('queued','quarantined') LIMIT 1",
                 (queue_id,),
@@ -228,6 +232,29 @@ class SqliteStore:
 
         if await self._submit(mark):
             await asyncio.to_thread(self.spool.remove, queue_id)
+
+    async def find_copy(self, key: str, target: str) -> Copy | None:
+        def query(conn: sqlite3.Connection) -> Copy | None:
+            row = conn.execute(
+                f"SELECT {_COPY_COLUMNS} FROM copies c JOIN messages m USING (queue_id)"
+                " WHERE (m.queue_id=? OR m.message_id=?) AND lower(c.target)=? ORDER BY c.id LIMIT 1",
+                (key, key, target.lower())).fetchone()
+            return _copy(row) if row else None
+
+        return await self._submit(query)
+
+    async def purge(self, now: float) -> int:
+        def expired(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute("SELECT queue_id FROM messages WHERE finished=1 AND keep_until < ?"
+                                " AND NOT EXISTS (SELECT 1 FROM copies c WHERE c.queue_id=messages.queue_id"
+                                " AND c.state IN ('queued','quarantined'))", (now,)).fetchall()
+            conn.execute("UPDATE messages SET keep_until=NULL WHERE finished=1 AND keep_until < ?", (now,))
+            return [r[0] for r in rows]
+
+        gone = await self._submit(expired)
+        for queue_id in gone:
+            await asyncio.to_thread(self.spool.remove, queue_id)
+        return len(gone)
 
     async def story(self, key: str) -> Story | None:
         return await self._submit(lambda conn: read_story(conn, key))

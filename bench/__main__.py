@@ -1,0 +1,63 @@
+"""`python3 -m bench run [--quick] [...]`: the one entry command of the benchmark.
+
+Argument parsing only; the work is in `bench.run`. Prints the tables when done. Exit codes:
+0 ok, 1 a phase failed (its message on stderr), 2 usage. Needs root (Postfix's queue owners)
+and the Debian packages postfix (smtp-source included) and python3-aiosmtpd or pip aiosmtpd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+from pathlib import Path
+
+from bench.run import QUICK, Plan, run
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python3 -m bench", description=(
+        "Benchmark maildetour side by side with the seed's two-MTA Postfix recipe."))
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run the benchmark and write results.json and results.md")
+    p.add_argument("--quick", action="store_true", help="small counts, one round: checks the harness (<2 min)")
+    p.add_argument("--systems", default="maildetour,postfix",
+                   help="comma-separated, in the order of each round (default: maildetour,postfix)")
+    p.add_argument("--rounds", type=int, help="rounds of each system (default 3, quick 1)")
+    p.add_argument("--memory", type=int, help="messages for the deferred-queue run (0 skips it)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results directory (default {DEFAULT_OUT})")
+    p.add_argument("--maildetour-src", type=Path,
+                   help="run the maildetour package in this directory (e.g. an unpacked `git archive`)")
+    p.add_argument("--keep", action="store_true", help="keep the systems' working directories")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    plan = QUICK if args.quick else Plan()
+    systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
+    if not systems or any(s not in ("maildetour", "postfix") for s in systems):
+        print("bench: --systems takes maildetour and/or postfix", file=sys.stderr)
+        return 2
+    changes: dict[str, object] = {"systems": systems, "keep": args.keep}
+    if args.rounds is not None:
+        changes["rounds"] = args.rounds
+    if args.maildetour_src is not None:
+        changes["maildetour_src"] = str(args.maildetour_src.resolve())
+    if args.memory is not None:
+        changes["memory"] = args.memory
+    plan = dataclasses.replace(plan, **changes)  # type: ignore[arg-type]
+    try:
+        asyncio.run(run(plan, args.out, mode="quick" if args.quick else "full"))
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    print((args.out / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

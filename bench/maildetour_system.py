@@ -1,0 +1,146 @@
+"""maildetour under test: the DESIGN.md seed config on loopback ports, run as `maildetour serve`.
+
+What it does: `MaildetourSystem(workdir, port, gmail_port).start()` writes
+`workdir/maildetour.toml` (the seed example: example.com forwarded to the PC mailbox and to the
+hidden gmail address, which detours to the gm.example.net mailbox; gmail.com relayed to the
+stand-in gmail) and runs `python -m maildetour.cli serve --config ...` as a child process.
+`overrides` adds [delivery] keys (the memory run lengthens retries); `flush()` is the
+memory run's stand-in for a queue-flush command maildetour does not have yet (see
+docs/benchmarks.md): with the server stopped, it makes every queued copy due now.
+
+Contract: loopback only; DNS goes to a dead loopback port (nothing may ask a real resolver);
+stops its child by PID (SIGTERM, then SIGKILL after 20 s). Exposure: bench-only.
+Failure: RuntimeError with the server's log tail when it does not listen within 15 s.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.proc import cpu_seconds_tree, memory_kb, wait_port
+
+
+def seed_config(*, smtp_port: int, pop3_port: int, gmail_port: int, delivery_extra: str = "",
+                detour_after: str = "10m") -> str:
+    return f"""\
+[server]
+hostname  = "mx.example.com"
+state_dir = "var"
+
+[smtp]
+listen  = ["127.0.0.1:{smtp_port}"]
+domains = ["example.com"]
+max_message_size = "25MB"
+
+[pop3]
+listen = ["127.0.0.1:{pop3_port}"]
+
+[delivery]
+relay = {{ "gmail.com" = "127.0.0.1:{gmail_port}" }}
+dns_servers = ["127.0.0.1:9"]
+{delivery_extra}
+
+[mailbox."ituki@pc.example.net"]
+password = "change-me"
+
+[mailbox."ituki@gm.example.net"]
+password = "change-me-too"
+
+[forward."ituki@example.com"]
+to = ["ituki@pc.example.net", "ituki-ex@gmail.com"]
+
+[destination."ituki-ex@gmail.com"]
+hidden       = true
+detour       = "ituki@gm.example.net"
+detour_after = "{detour_after}"
+"""
+
+
+@dataclass
+class MaildetourSystem:
+    workdir: Path
+    smtp_port: int
+    pop3_port: int
+    gmail_port: int
+    delivery_extra: str = ""
+    detour_after: str = "10m"
+    src: Path | None = None  # a directory holding the maildetour package to run (default: importable one)
+    proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    name = "maildetour"
+
+    @property
+    def state(self) -> Path:
+        return self.workdir / "var"
+
+    def maildir(self, address: str) -> Path:
+        return self.state / "mailboxes" / address
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "maildetour.toml"
+        config.write_text(seed_config(smtp_port=self.smtp_port, pop3_port=self.pop3_port,
+                                      gmail_port=self.gmail_port, delivery_extra=self.delivery_extra,
+                                      detour_after=self.detour_after), encoding="utf-8")
+        for address in ("ituki@pc.example.net", "ituki@gm.example.net"):
+            for sub in ("tmp", "new", "cur"):  # made now so that a watcher can watch new/ at once
+                (self.maildir(address) / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        env = dict(os.environ)
+        if self.src is not None:
+            env["PYTHONPATH"] = os.pathsep.join([str(self.src.resolve()), env.get("PYTHONPATH", "")])
+        with open(self.workdir / "server.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "maildetour.cli", "serve", "--config", str(config)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=env)
+        try:
+            wait_port("127.0.0.1", self.smtp_port, timeout=15, alive=self.proc)
+        except (TimeoutError, RuntimeError) as exc:
+            self.stop()
+            raise RuntimeError(f"maildetour did not start ({exc}):\n{self.logs()}") from None
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds_tree(self.proc.pid) if self.proc else 0.0
+
+    def memory_kb(self) -> tuple[int, int]:
+        return memory_kb(self.pid)
+
+    def logs(self, lines: int = 30) -> str:
+        try:
+            text = (self.workdir / "server.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def flush(self) -> int:
+        """Make every queued copy due now (server stopped); return how many there are."""
+        if self.proc is not None:
+            raise RuntimeError("flush() needs the server stopped")
+        conn = sqlite3.connect(self.state / "queue.sqlite3", isolation_level=None)
+        try:
+            cur = conn.execute("UPDATE copies SET next_at = 0 WHERE state = 'queued'")
+            return cur.rowcount
+        finally:
+            conn.close()

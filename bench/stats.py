@@ -1,0 +1,141 @@
+"""Numbers to tables: percentiles, medians and ranges over rounds, ratios, the Markdown report.
+
+Pure: plain values in, plain values and text out. Exposure: bench-only. Failure: ValueError on
+an empty sample (a phase that measured nothing is a bug in the harness, not a result).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+# (metric key, label, unit, better, target ratio maildetour/postfix or None)
+# better: "low" (latency) or "high" (rate); the target reads as "ratio <= x" or "ratio >= x".
+METRICS: tuple[tuple[str, str, str, str, float | None], ...] = (
+    ("success.p50", "success path p50", "ms", "low", 0.5),
+    ("success.p90", "success path p90", "ms", "low", None),
+    ("success.p99", "success path p99", "ms", "low", 1.0),
+    ("detour.p50", "detour path p50", "ms", "low", 0.4),
+    ("detour.p90", "detour path p90", "ms", "low", None),
+    ("detour.p99", "detour path p99", "ms", "low", None),
+    ("idle_success.p50", "idle success p50", "ms", "low", 0.15),
+    ("idle_success.p90", "idle success p90", "ms", "low", None),
+    ("idle_detour.p50", "idle detour p50", "ms", "low", 0.1),
+    ("idle_detour.p90", "idle detour p90", "ms", "low", None),
+    ("throughput_0.accepted_per_s", "0% refused: accepted/s", "msg/s", "high", None),
+    ("throughput_0.delivered_per_s", "0% refused: delivered/s", "msg/s", "high", 1.0),
+    ("throughput_0.cpu_ms_per_msg", "0% refused: CPU per message", "ms", "low", None),
+    ("throughput_10.accepted_per_s", "10% refused: accepted/s", "msg/s", "high", None),
+    ("throughput_10.delivered_per_s", "10% refused: delivered/s", "msg/s", "high", 1.0),
+    ("throughput_10.cpu_ms_per_msg", "10% refused: CPU per message", "ms", "low", None),
+)
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default), p in [0, 100]."""
+    if not values:
+        raise ValueError("percentile of an empty sample")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * p / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def distribution(values: list[float]) -> dict[str, float]:
+    return {"n": len(values), "p50": percentile(values, 50), "p90": percentile(values, 90),
+            "p99": percentile(values, 99), "min": min(values), "max": max(values)}
+
+
+def lookup(result: dict[str, Any], key: str) -> float | None:
+    node: Any = result
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return float(node)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    key: str
+    label: str
+    unit: str
+    better: str
+    target: float | None
+    values: dict[str, list[float]]  # system -> one value per round
+    ratios: list[float]  # maildetour / postfix, per round (rounds where both ran)
+
+    def median(self, system: str) -> float | None:
+        vals = self.values.get(system) or []
+        return statistics.median(vals) if vals else None
+
+    def verdict(self) -> str:
+        if self.target is None or not self.ratios:
+            return ""
+        ratio = statistics.median(self.ratios)
+        met = ratio <= self.target if self.better == "low" else ratio >= self.target
+        sign = "≤" if self.better == "low" else "≥"
+        return f"{sign} {self.target:g}× {'met' if met else 'missed'}"
+
+
+def summarize(rounds: list[dict[str, Any]]) -> list[Row]:
+    rows = []
+    for key, label, unit, better, target in METRICS:
+        values: dict[str, list[float]] = {}
+        ratios = []
+        for rnd in rounds:
+            got = {s: lookup(rnd[s], key) for s in ("maildetour", "postfix") if s in rnd}
+            for system, value in got.items():
+                if value is not None:
+                    values.setdefault(system, []).append(value)
+            md, pf = got.get("maildetour"), got.get("postfix")
+            if md is not None and pf:
+                ratios.append(md / pf)
+        if values:
+            rows.append(Row(key, label, unit, better, target, values, ratios))
+    return rows
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.2f}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def _cell(row: Row, system: str) -> str:
+    vals = row.values.get(system)
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return _fmt(vals[0])
+    return f"{_fmt(row.median(system))} ({_fmt(min(vals))}–{_fmt(max(vals))})"
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = ["| metric | unit | maildetour median (range) | Postfix recipe median (range) "
+             "| ratio per round (maildetour/Postfix) | target |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        ratios = ", ".join(f"{r:.2f}" for r in row.ratios) or "–"
+        lines.append(f"| {row.label} | {row.unit} | {_cell(row, 'maildetour')} | {_cell(row, 'postfix')} "
+                     f"| {ratios} | {row.verdict()} |")
+    return "\n".join(lines)
+
+
+def memory_table(memory: dict[str, Any] | None) -> str:
+    if not memory:
+        return "(memory run skipped)"
+    target = "met" if memory["rss_deferred_mb"] <= 200 and memory["peak_rss_load_mb"] <= 200 else "missed"
+    return "\n".join([
+        "| deferred-queue run (maildetour) | value |", "|---|---|",
+        f"| messages deferred (size) | {memory['messages']} ({memory['size']} B body) |",
+        f"| load time (accepted and attempted once) | {memory['load_seconds']:.1f} s |",
+        f"| RSS with all of them deferred | {memory['rss_deferred_mb']:.1f} MB |",
+        f"| peak RSS while loading | {memory['peak_rss_load_mb']:.1f} MB (target ≤ 200 MB: {target}) |",
+        f"| restart with the queue full, until it listens | {memory['restart_seconds']:.2f} s |",
+        f"| drain: restart until the last copy arrived | {memory['drain_seconds']:.1f} s "
+        f"({memory['drain_per_s']:.0f} msg/s) |",
+        f"| peak RSS while draining | {memory['peak_rss_drain_mb']:.1f} MB |",
+    ])
