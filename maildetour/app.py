@@ -70,6 +70,28 @@ def server_tls(cert: object, key: object) -> ssl.SSLContext | None:
     return context
 
 
+def validate(config: Config) -> None:
+    """What only reading the files can tell: keys, secrets, certificates. Raises ConfigError."""
+    from maildetour.config import ConfigError
+
+    if config.signing is not None:
+        signing = config.signing
+        try:
+            Outgoing.from_config(signing, authserv_id=config.checks.authserv_id,
+                                 dnsfunc=DnsLookup(dns.resolver.Resolver(configure=False)), clock=time.time)
+        except OSError as exc:
+            key = "signing.srs_secret_file" if exc.filename == str(signing.srs_secret_file) else "signing.dkim_key"
+            raise ConfigError(key, f"{exc.filename}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ConfigError("signing", str(exc)) from None
+    for table, cert, key in (("smtp", config.smtp.tls_cert, config.smtp.tls_key),
+                             ("pop3", config.pop3.tls_cert, config.pop3.tls_key)):
+        try:
+            server_tls(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"{table}.tls_cert", f"cannot load certificate/key: {exc}") from None
+
+
 @dataclass
 class App:
     config: Config

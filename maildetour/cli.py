@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     queue = with_config("queue", "list queued and quarantined copies")
     queue.add_argument("--all", action="store_true", help="include finished copies of recent messages")
     sub.add_parser("passwd", help="read a password and print its scrypt$ hash for password_hash")
+    dkim = sub.add_parser("dkim", help="DKIM key management")
+    dkim_sub = dkim.add_subparsers(dest="dkim_command", required=True)
+    keygen = dkim_sub.add_parser("keygen", help="write the [signing] DKIM key (and SRS secret file if "
+                                                "missing) and print the DNS TXT record to publish")
+    keygen.add_argument("--config", "-c", type=Path, required=True, help="the TOML config file")
+    keygen.add_argument("--bits", type=int, default=2048)
     demo = sub.add_parser("demo", help="write the seed demo config (if missing) and run it, "
                                        "with a stand-in gmail that refuses the EICAR test string")
     demo.add_argument("--dir", type=Path, default=Path("demo"), help="where the demo lives (default ./demo)")
@@ -58,8 +64,13 @@ def main(argv: list[str] | None = None) -> int:
             case "serve":
                 return _serve(config, args.verbose)
             case "check":
+                from maildetour.app import validate
+
+                validate(config)
                 print(report.routing_table(config))
                 return 0
+            case "dkim":
+                return _dkim_keygen(config, args.bits)
             case "route":
                 return _route(config, args.address)
             case "trace":
@@ -76,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(config: Config, verbose: bool) -> int:
-    from maildetour.app import App
+    from maildetour.app import App, validate
 
+    validate(config)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
@@ -106,6 +118,31 @@ def _with_db(config: Config, show: "report.Show") -> int:
         conn.close()
     print(text)
     return 0 if found else 1
+
+
+def _dkim_keygen(config: Config, bits: int) -> int:
+    import secrets
+
+    from maildetour.sign.dkim import generate_key
+
+    signing = config.signing
+    if signing is None:
+        print("maildetour: config error: signing: no [signing] table to make a key for", file=sys.stderr)
+        return 1
+    try:
+        record = generate_key(signing.dkim_key, bits)
+    except FileExistsError:
+        print(f"maildetour: {signing.dkim_key} exists; not overwriting a key", file=sys.stderr)
+        return 1
+    print(f"wrote {signing.dkim_key}")
+    if not signing.srs_secret_file.exists():
+        signing.srs_secret_file.touch(mode=0o600)
+        signing.srs_secret_file.write_text(secrets.token_urlsafe(32) + "\n")
+        print(f"wrote {signing.srs_secret_file} (SRS secret; add new lines on top to rotate)")
+    # Zone files take TXT data as strings of at most 255 characters each.
+    chunks = " ".join(f'"{record[i:i + 250]}"' for i in range(0, len(record), 250))
+    print(f"publish in DNS:\n{signing.selector}._domainkey.{signing.domain}. IN TXT ( {chunks} )")
+    return 0
 
 
 def _passwd() -> int:
