@@ -44,8 +44,6 @@ class SmtpConfig:
     # A whole DATA transfer may take this long as long as lines keep arriving (each line
     # resets the idle timer, which is command_timeout).
     data_timeout: float = 1800.0
-    # RFC 5321 4.5.3.1.4/6: command lines 512 octets, text lines 1000 (we allow some slack).
-    max_command_line: int = 2048
     tls_cert: Path | None = None
     tls_key: Path | None = None
 

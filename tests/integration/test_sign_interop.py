@@ -15,15 +15,9 @@ the machine's own file is never changed. That needs root; without it the test is
 from __future__ import annotations
 
 import asyncio
-import os
-import random
-import signal
-import subprocess
 import time
-import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import dkim
 import pytest
@@ -33,9 +27,9 @@ from maildetour.sign.dkim import DkimSigner, generate_key
 from maildetour.sign.dnsfunc import DnsLookup
 from maildetour.sign.srs import SrsCodec, SrsError, load_secrets
 from maildetour.sign.verdicts import Verdicts, check
-from tests.peers import need, peer_unavailable
 from tests.peers.dnsmasq import DnsPeer, DnsRecords, running_dnsmasq
-from tests.peers.ports import free_port, wait_port
+from tests.peers.opendkim import Port53Dns, running_port53_dnsmasq, verify_with_opendkim
+from tests.peers.postsrsd import PostSrsd, running_postsrsd
 
 OURS = "fwd.test"
 OUR_IP = "198.51.100.25"
@@ -55,70 +49,13 @@ MESSAGE = (
 # -- postsrsd ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class PostSrsd:
-    host: str
-    forward_port: int
-    reverse_port: int
-    secret_file: Path
-
-    def ask(self, port: int, address: str) -> tuple[int, str]:
-        """One tcp_table lookup: `get ADDR` -> (status, decoded text)."""
-        import socket
-
-        with socket.create_connection((self.host, port), timeout=5) as conn:
-            conn.sendall(b"get " + urllib.parse.quote(address, safe="@=+/-._~!$&'*").encode() + b"\n")
-            reply = b""
-            while not reply.endswith(b"\n"):
-                chunk = conn.recv(4096)
-                if not chunk:
-                    break
-                reply += chunk
-        status, _, text = reply.decode().strip().partition(" ")
-        return int(status), urllib.parse.unquote(text)
-
-    def forward(self, address: str) -> str:
-        status, text = self.ask(self.forward_port, address)
-        assert status == 200, text
-        return text
-
-    def reverse(self, address: str) -> tuple[int, str]:
-        return self.ask(self.reverse_port, address)
-
-
 @pytest.fixture(scope="module")
 def postsrsd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostSrsd]:
-    program = need("postsrsd", "postsrsd")
     workdir = tmp_path_factory.mktemp("postsrsd")
     secret_file = workdir / "srs.secret"
     secret_file.write_bytes(b"current-secret-0c9f\nretired-secret-77aa\n")
-    chroot = workdir / "chroot"
-    chroot.mkdir()
-    host, forward_port, reverse_port = "127.0.0.1", free_port(), free_port()
-    command = [program, f"-s{secret_file}", f"-d{OURS}", f"-f{forward_port}", f"-r{reverse_port}",
-               f"-l{host}", f"-c{chroot}", "-4"]
-    if os.geteuid() == 0:  # postsrsd drops root itself when asked
-        command.append("-unobody")
-    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        try:
-            wait_port(host, forward_port)
-            wait_port(host, reverse_port)
-        except TimeoutError:
-            proc.kill()
-            output = proc.communicate()[0].decode(errors="replace")
-            peer_unavailable(f"postsrsd did not start: {output}")
-        yield PostSrsd(host, forward_port, reverse_port, secret_file)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with running_postsrsd(workdir, OURS, secret_file) as peer:
+        yield peer
 
 
 @pytest.fixture(scope="module")
@@ -219,38 +156,23 @@ def test_dkimpy_verifies_our_signature_through_dnsmasq(dns_peer: DnsPeer, keys: 
     assert not dkim.verify(signed.replace(b"noon", b"one"), dnsfunc=lookup(dns_peer))
 
 
-def _run_opendkim(resolv_conf: Path, data: bytes) -> subprocess.CompletedProcess[bytes]:
-    script = 'mount --bind "$0" /etc/resolv.conf && exec opendkim-testmsg'
-    return subprocess.run(["unshare", "--mount", "sh", "-c", script, str(resolv_conf)],
-                          input=data, capture_output=True, timeout=30, check=False)
-
-
 @pytest.fixture(scope="module")
-def port53_dns(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Iterator[DnsPeer]:
+def port53_dns(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Iterator[Port53Dns]:
     """dnsmasq on a random 127.53.x.y, port 53 (libopendkim's resolver cannot use another port)."""
-    need("opendkim-testmsg", "opendkim-tools")
-    need("unshare", "util-linux")
-    if os.geteuid() != 0:
-        peer_unavailable("opendkim-testmsg needs a private mount namespace and port 53: run as root")
-    host = f"127.53.{random.randint(1, 254)}.{random.randint(1, 254)}"
-    try:
-        with running_dnsmasq(tmp_path_factory.mktemp("dnsmasq53"), records(keys), host=host, port=53) as peer:
-            yield peer
-    except RuntimeError as exc:
-        peer_unavailable(f"cannot run dnsmasq on {host}:53: {exc}")
+    with running_port53_dnsmasq(tmp_path_factory.mktemp("dnsmasq53"), records(keys)) as peer:
+        yield peer
 
 
-def test_opendkim_testmsg_verifies_our_signature(port53_dns: DnsPeer, keys: Keys, tmp_path: Path) -> None:
-    resolv_conf = tmp_path / "resolv.conf"
-    resolv_conf.write_text(f"nameserver {port53_dns.host}\noptions attempts:1 timeout:2\n")
+def test_opendkim_testmsg_verifies_our_signature(port53_dns: Port53Dns, keys: Keys) -> None:
+    resolv_conf = port53_dns.resolv_conf
     original = DkimSigner("sender.test", "s1", keys.sender[0]).sign(MESSAGE) + MESSAGE
     signed = DkimSigner(OURS, "md1", keys.ours[0]).sign(original) + original
-    good = _run_opendkim(resolv_conf, signed)
+    good = verify_with_opendkim(resolv_conf, signed)
     assert good.returncode == 0, good.stderr
-    assert f"md1._domainkey.{OURS}" in port53_dns.log()  # the key came from our dnsmasq
-    tampered = _run_opendkim(resolv_conf, signed.replace(b"At noon?", b"At one?"))
+    assert f"md1._domainkey.{OURS}" in port53_dns.peer.log()  # the key came from our dnsmasq
+    tampered = verify_with_opendkim(resolv_conf, signed.replace(b"At noon?", b"At one?"))
     assert tampered.returncode != 0 and b"signature" in tampered.stderr.lower()
-    lf_only = _run_opendkim(resolv_conf, signed.replace(b"\r\n", b"\n"))
+    lf_only = verify_with_opendkim(resolv_conf, signed.replace(b"\r\n", b"\n"))
     assert lf_only.returncode == 0, lf_only.stderr
 
 

@@ -93,3 +93,44 @@ def test_sizes_and_durations() -> None:
         parse_size("k", "0MB")
     with pytest.raises(ConfigError):
         parse_duration("k", "-1s")
+
+
+def test_a_destination_without_detour_after_waits_ten_minutes(tmp_path: Path) -> None:
+    config = seed_config(tmp_path, SEED.replace('detour_after = "10m"\n', ""))
+    assert config.destinations["ituki-ex@gmail.com"].detour_after == 600.0
+
+
+SIGNING = """
+[signing]
+domain = "example.com"
+selector = "md1"
+dkim_key = "keys/dkim.key"
+srs_secret_file = "keys/srs.secret"
+"""
+
+
+def test_signing_turns_inbound_checks_on_by_default(tmp_path: Path) -> None:
+    plain = seed_config(tmp_path)
+    assert plain.signing is None and not plain.checks.inbound
+    signed = seed_config(tmp_path, SEED + SIGNING)
+    assert signed.signing is not None and signed.signing.dkim_key == (tmp_path / "keys/dkim.key").resolve()
+    assert signed.checks.inbound and signed.checks.authserv_id == "mx.example.com"
+    off = seed_config(tmp_path, SEED + SIGNING + "\n[checks]\ninbound = false\n")
+    assert not off.checks.inbound
+
+
+def test_the_signing_domain_must_be_ours(tmp_path: Path) -> None:
+    err = error_for(tmp_path, SEED + SIGNING.replace('domain = "example.com"', 'domain = "other.org"'))
+    assert err.key == "signing.domain"
+
+
+def test_signing_needs_its_keys_named(tmp_path: Path) -> None:
+    err = error_for(tmp_path, SEED + SIGNING.replace('selector = "md1"\n', ""))
+    assert err.key == "signing.selector" and "required" in err.reason
+
+
+def test_skip_when_takes_only_known_conditions(tmp_path: Path) -> None:
+    ok = seed_config(tmp_path, SEED.replace('detour_after = "10m"', 'detour_after = "10m"\nskip_when = ["dmarc-fail"]'))
+    assert ok.destinations["ituki-ex@gmail.com"].skip_when == ("dmarc-fail",)
+    err = error_for(tmp_path, SEED.replace('detour_after = "10m"', 'detour_after = "10m"\nskip_when = ["dmarc-bad"]'))
+    assert err.key == 'destination."ituki-ex@gmail.com".skip_when[0]'
