@@ -393,6 +393,7 @@ def _cross_check(config: Config) -> None:
         for target in rule.to:
             if target == rule.pattern:
                 raise ConfigError(f'forward."{rule.pattern}".to', "a forward cannot target itself")
+    _check_local_targets(config)
     if config.signing is not None and config.signing.domain not in local_domains:
         raise ConfigError("signing.domain", f"{config.signing.domain!r} must be one of smtp.domains "
                           "(late bounces come back to SRS addresses there)")
@@ -406,3 +407,19 @@ def _cross_check(config: Config) -> None:
             seen.append(hop)
             nxt = config.destinations.get(hop)
             hop = nxt.detour if nxt else None
+
+
+def _check_local_targets(config: Config) -> None:
+    """A forward target at one of our own domains must lead somewhere (a mailbox or another
+    rule); otherwise every copy would loop back to us and be refused."""
+    from maildetour.core.address import Address, parse_address
+    from maildetour.core.routing import Accept, RoutingTable, route
+
+    table = RoutingTable.from_config(config)
+    for rule in config.forwards:
+        for i, target in enumerate(rule.to):
+            parsed = parse_address(target)
+            if isinstance(parsed, Address) and parsed.domain in table.domains:
+                if not isinstance(route(table, parsed), Accept):
+                    raise ConfigError(f'forward."{rule.pattern}".to[{i}]',
+                                      f"{target} is at our own domain but is neither a mailbox nor forwarded")

@@ -133,6 +133,8 @@ def test_a_loop_is_accepted_quarantined_and_not_forwarded(server: Server) -> Non
     assert {e[1] for e in events if e[0] == "quarantined"} == {"ituki@pc.example.net", "ituki-ex@gmail.com"}
     assert all(b"looping" not in m for m in server.mailbox("ituki@pc.example.net"))
     assert not any(e[0] in ("delivered", "bounced", "dsn-sent") for e in events)
+    listing = server.cli("queue")
+    assert listing.returncode == 0 and f"{queue_id}" in listing.stdout and "quarantined" in listing.stdout
 
 
 def test_too_many_sessions_get_421(tmp_path: Path) -> None:

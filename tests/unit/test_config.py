@@ -134,3 +134,8 @@ def test_skip_when_takes_only_known_conditions(tmp_path: Path) -> None:
     assert ok.destinations["ituki-ex@gmail.com"].skip_when == ("dmarc-fail",)
     err = error_for(tmp_path, SEED.replace('detour_after = "10m"', 'detour_after = "10m"\nskip_when = ["dmarc-bad"]'))
     assert err.key == 'destination."ituki-ex@gmail.com".skip_when[0]'
+
+
+def test_a_forward_target_at_our_domain_must_lead_somewhere(tmp_path: Path) -> None:
+    text = SEED + '\n[forward."team@example.com"]\nto = ["nobody@example.com"]\n'
+    assert error_for(tmp_path, text).key == 'forward."team@example.com".to[0]'
