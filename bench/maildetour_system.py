@@ -26,7 +26,7 @@ from pathlib import Path
 from bench.proc import cpu_seconds_tree, memory_kb, wait_port
 
 
-def seed_config(*, smtp_port: int, pop3_port: int, gmail_port: int, delivery_extra: str = "",
+def seed_config(*, smtp_port: int, pop3_port: int, gmail: tuple[str, int], delivery_extra: str = "",
                 detour_after: str = "10m") -> str:
     return f"""\
 [server]
@@ -42,7 +42,7 @@ max_message_size = "25MB"
 listen = ["127.0.0.1:{pop3_port}"]
 
 [delivery]
-relay = {{ "gmail.com" = "127.0.0.1:{gmail_port}" }}
+relay = {{ "gmail.com" = "{gmail[0]}:{gmail[1]}" }}
 dns_servers = ["127.0.0.1:9"]
 {delivery_extra}
 
@@ -67,7 +67,7 @@ class MaildetourSystem:
     workdir: Path
     smtp_port: int
     pop3_port: int
-    gmail_port: int
+    gmail: tuple[str, int]
     delivery_extra: str = ""
     detour_after: str = "10m"
     src: Path | None = None  # a directory holding the maildetour package to run (default: importable one)
@@ -86,7 +86,7 @@ class MaildetourSystem:
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "maildetour.toml"
         config.write_text(seed_config(smtp_port=self.smtp_port, pop3_port=self.pop3_port,
-                                      gmail_port=self.gmail_port, delivery_extra=self.delivery_extra,
+                                      gmail=self.gmail, delivery_extra=self.delivery_extra,
                                       detour_after=self.detour_after), encoding="utf-8")
         for address in ("ituki@pc.example.net", "ituki@gm.example.net"):
             for sub in ("tmp", "new", "cur"):  # made now so that a watcher can watch new/ at once

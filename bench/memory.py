@@ -63,7 +63,7 @@ async def deferred_queue(workdir: Path, *, n: int, size: int, timeout: float,
                          src: Path | None = None) -> MemoryResult:
     sink = Sink()
     await sink.start()
-    system = MaildetourSystem(workdir, free_port(), free_port(), sink.port,
+    system = MaildetourSystem(workdir, free_port(), free_port(), (sink.host, sink.port),
                               delivery_extra='retry_first = "1h"\nretry_max = "1h"', detour_after="7d", src=src)
     try:
         await sink.command("tempfail 1")

@@ -23,8 +23,9 @@ from bench.watch import MaildirWatch
 
 
 class Sink:
-    def __init__(self) -> None:
-        self.port = free_port()
+    def __init__(self, host: str = "127.0.0.2") -> None:
+        self.host = host
+        self.port = free_port(host)
         self.counts: Counter[str] = Counter()
         self.last_ns = 0
         self._waiting: dict[tuple[str, str], asyncio.Future[int]] = {}
@@ -34,14 +35,14 @@ class Sink:
 
     async def start(self) -> None:
         self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.sink", "--port", str(self.port),
+            sys.executable, "-m", "bench.sink", "--host", self.host, "--port", str(self.port),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         assert self._proc.stdout is not None
         first = await asyncio.wait_for(self._proc.stdout.readline(), 15)
         if first.strip() != b"ready":
             raise RuntimeError(f"stand-in gmail did not start: {first!r}")
         self._reader = asyncio.create_task(self._read())
-        await asyncio.to_thread(wait_port, "127.0.0.1", self.port, timeout=5)
+        await asyncio.to_thread(wait_port, self.host, self.port, timeout=5)
 
     async def _read(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None

@@ -15,6 +15,9 @@ peer name lookups, explicit hostnames, everything else refused with `error:`) an
 How it runs as root without touching /etc/postfix: meta_directory is the instance's own conf
 directory, the queue tree is made here with Postfix's owners and modes, and the Maildirs live
 inside the queue directory (virtual(8) runs as `nobody` and reaches them via /proc/self/cwd).
+The stand-in gmail must sit on another loopback address than MTA2: the smtp client skips
+fallback addresses it already used from its connection cache *by IP address*, so with both on
+127.0.0.1 every copy refused over a reused (cached) connection is deferred, not detoured.
 Stop: SIGTERM to each master PID we started, then SIGKILL by PID to what is left of its process
 group. Exposure: bench-only, loopback. Failure: RuntimeError with the log tail.
 """
@@ -116,7 +119,7 @@ class PostfixRecipe:
     workdir: Path
     mta1_port: int
     mta2_port: int
-    gmail_port: int
+    gmail: tuple[str, int]  # the stand-in gmail; not on MTA2's address (see the docstring)
     max_idle: str = "100s"  # Postfix's default
     instances: list[Instance] = field(default_factory=list)
 
@@ -206,7 +209,7 @@ class PostfixRecipe:
             "relayhost": "",
             "virtual_alias_domains": "example.com",
             "virtual_alias_maps": f"inline:{{ {{ {PUBLIC} = {PC}, {GMAIL} }} }}",
-            "transport_maps": f"inline:{{ {GMAIL}=fbsmtp:[127.0.0.1]:{self.gmail_port} }}",
+            "transport_maps": f"inline:{{ {GMAIL}=fbsmtp:[{self.gmail[0]}]:{self.gmail[1]} }}",
             "virtual_mailbox_domains": "pc.example.net, gm.example.net",
             "virtual_mailbox_maps": f"inline:{{ {PC}={PC}/, {DETOUR}={DETOUR}/ }}",
             "virtual_mailbox_base": "/proc/self/cwd/mail",  # = queue/mail, see the docstring

@@ -54,20 +54,20 @@ class Plan:
 QUICK = Plan(rounds=1, success=40, detour=20, throughput=500, idle=2, memory=2000)
 
 
-def make_system(kind: str, workdir: Path, gmail_port: int, *, idle: bool,
+def make_system(kind: str, workdir: Path, gmail: tuple[str, int], *, idle: bool,
                 src: str | None = None) -> scenarios.System:
     if kind == "maildetour":
-        return MaildetourSystem(workdir, free_port(), free_port(), gmail_port,
+        return MaildetourSystem(workdir, free_port(), free_port(), gmail,
                                 src=Path(src) if src else None)
     if kind == "postfix":
-        return PostfixRecipe(workdir, free_port(), free_port(), gmail_port,
+        return PostfixRecipe(workdir, free_port(), free_port(), gmail,
                              max_idle="1s" if idle else "100s")
     raise ValueError(f"unknown system {kind!r}")
 
 
 async def _with_system(kind: str, workdir: Path, sink: Sink, *, idle: bool, plan: Plan,
                        phases: Any) -> dict[str, Any]:
-    system = make_system(kind, workdir, sink.port, idle=idle, src=plan.maildetour_src)
+    system = make_system(kind, workdir, (sink.host, sink.port), idle=idle, src=plan.maildetour_src)
     await asyncio.to_thread(system.start)
     boxes = Boxes(system.maildir(scenarios.PC), system.maildir(scenarios.DETOUR))
     try:

@@ -1,7 +1,7 @@
 """The stand-in "gmail": an aiosmtpd server that accepts, refuses a share, or answers 4xx.
 
-What it does: `python3 -m bench.sink --port P [--refuse-share X] [--tempfail]` listens on
-127.0.0.1:P, prints `ready` once it listens, then one line per finished transaction on stdout:
+What it does: `python3 -m bench.sink --port P [--host H] [--refuse-share X] [--tempfail]` listens
+on H:P (default 127.0.0.2: a loopback address of its own, as Gmail is a host of its own), prints `ready` once it listens, then one line per finished transaction on stdout:
 `<CLOCK_MONOTONIC ns> <seq> <A|R|T>` (accepted, refused, temporary failure), where <seq> is the
 message's `X-Bench-Seq:` header or `-`. The time is taken when the end of DATA is received,
 before the reply is sent (for 4xx at RCPT: when RCPT arrives). A message carrying
@@ -109,13 +109,13 @@ async def _read_commands(handler: StandInGmail) -> None:
         control(handler, line.decode().strip())
 
 
-async def serve(port: int, settings: SinkSettings) -> None:
+async def serve(host: str, port: int, settings: SinkSettings) -> None:
     loop = asyncio.get_running_loop()
     handler = StandInGmail(settings, sys.stdout)
     commands = asyncio.create_task(_read_commands(handler))
     server = await loop.create_server(
         lambda: SMTP(handler, hostname="mx.gmail.standin", ident="ESMTP", decode_data=False),
-        host="127.0.0.1", port=port, backlog=256)
+        host=host, port=port, backlog=256)
     print("ready", flush=True)
     async with server:
         await commands  # the parent closing our stdin ends the sink
@@ -125,11 +125,14 @@ async def serve(port: int, settings: SinkSettings) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.sink", description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.2")
     parser.add_argument("--refuse-share", type=float, default=0.0)
     parser.add_argument("--tempfail", action="store_true")
     args = parser.parse_args(argv)
     try:
-        asyncio.run(serve(args.port, SinkSettings(args.refuse_share, args.tempfail)))
+        if not args.host.startswith("127."):
+            parser.error("the stand-in listens on loopback only")
+        asyncio.run(serve(args.host, args.port, SinkSettings(args.refuse_share, args.tempfail)))
     except KeyboardInterrupt:
         pass
     return 0

@@ -6,21 +6,25 @@ from pathlib import Path
 
 from maildetour.config import Config, load_config
 
-SEED = """\
+def seed(*, smtp: str = "127.0.0.1:2525", pop3: str | None = "127.0.0.1:1100",
+         relay: str = '"gmail.com" = "127.0.0.2:2525"', delivery_extra: str = "",
+         detour_after: str = "10m", extra: str = "") -> str:
+    """The DESIGN.md seed example; the defaults give it exactly, the arguments adapt it."""
+    pop3_table = f'[pop3]\nlisten = ["{pop3}"]\n' if pop3 else ""
+    return f"""\
 [server]
 hostname  = "mx.example.com"
 state_dir = "var"
 
 [smtp]
-listen  = ["127.0.0.1:2525"]
+listen  = ["{smtp}"]
 domains = ["example.com"]
 max_message_size = "25MB"
 
-[pop3]
-listen = ["127.0.0.1:1100"]
-
+{pop3_table}
 [delivery]
-relay = { "gmail.com" = "127.0.0.2:2525" }
+relay = {{ {relay} }}
+{delivery_extra}
 
 [mailbox."ituki@pc.example.net"]
 password = "change-me"
@@ -34,8 +38,11 @@ to = ["ituki@pc.example.net", "ituki-ex@gmail.com"]
 [destination."ituki-ex@gmail.com"]
 hidden       = true
 detour       = "ituki@gm.example.net"
-detour_after = "10m"
-"""
+detour_after = "{detour_after}"
+{extra}"""
+
+
+SEED = seed()
 
 
 def write_config(directory: Path, text: str = SEED, name: str = "maildetour.toml") -> Path:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from maildetour.mailbox.maildir import list_messages, message_path
+from tests.configs import seed
 from tests.peers.ports import free_port
 
 EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
@@ -27,41 +28,12 @@ EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 def seed_text(*, smtp_port: int, pop3_port: int | None, gmail: str, extra: str = "",
               dns: str = "127.0.0.1:9", detour_after: str = "10m", delivery_extra: str = "",
               sender_sink: str | None = None) -> str:
-    """The DESIGN.md seed config on the given ports. `dns` defaults to a dead loopback port so
-    nothing ever asks a real resolver; `sender_sink` receives mail for sender.example (bounces)."""
-    pop3 = f'[pop3]\nlisten = ["127.0.0.1:{pop3_port}"]\n' if pop3_port else ""
+    """The seed config on the given ports. `dns` defaults to a dead loopback port so nothing
+    ever asks a real resolver; `sender_sink` receives mail for sender.example (bounces)."""
     relays = f'"gmail.com" = "{gmail}"' + (f', "sender.example" = "{sender_sink}"' if sender_sink else "")
-    return f"""\
-[server]
-hostname  = "mx.example.com"
-state_dir = "var"
-
-[smtp]
-listen  = ["127.0.0.1:{smtp_port}"]
-domains = ["example.com"]
-max_message_size = "25MB"
-
-{pop3}
-[delivery]
-relay = {{ {relays} }}
-dns_servers = ["{dns}"]
-{delivery_extra}
-
-[mailbox."ituki@pc.example.net"]
-password = "change-me"
-
-[mailbox."ituki@gm.example.net"]
-password = "change-me-too"
-
-[forward."ituki@example.com"]
-to = ["ituki@pc.example.net", "ituki-ex@gmail.com"]
-
-[destination."ituki-ex@gmail.com"]
-hidden       = true
-detour       = "ituki@gm.example.net"
-detour_after = "{detour_after}"
-{extra}
-"""
+    return seed(smtp=f"127.0.0.1:{smtp_port}", pop3=f"127.0.0.1:{pop3_port}" if pop3_port else None,
+                relay=relays, delivery_extra=f'dns_servers = ["{dns}"]\n{delivery_extra}',
+                detour_after=detour_after, extra=extra)
 
 
 def message(subject: str, *, sender: str = "alice@sender.example", to: str = "ituki@example.com",

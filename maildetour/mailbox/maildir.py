@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from maildetour.durable import fsync_dir, write_synced
+
 _SUBDIRS = ("tmp", "new", "cur")
 _SIZE_FIELD = re.compile(r",([SW])=(\d{1,15})(?=[,:]|$)")
 _UIDL_SAFE = re.compile(r"[\x21-\x7e]{1,70}")
@@ -59,21 +61,13 @@ def deliver(root: Path, data: bytes) -> str:
     ensure_maildir(root)
     name = _unique_name(len(data), wire_size(data))
     tmp_path = root / "tmp" / name
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    write_synced(tmp_path, data)
     try:
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         os.rename(tmp_path, root / "new" / name)
     except BaseException:
         _unlink_quietly(tmp_path)
         raise
-    _fsync_dir(root / "new")
+    fsync_dir(root / "new")
     return name
 
 
@@ -81,7 +75,7 @@ def ensure_maildir(root: Path) -> None:
     """Create root and its tmp/new/cur (mode 0700) if missing, fsyncing each new directory."""
     if not root.is_dir():
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _fsync_dir(root.parent)
+        fsync_dir(root.parent)
     created = False
     for sub in _SUBDIRS:
         path = root / sub
@@ -89,7 +83,7 @@ def ensure_maildir(root: Path) -> None:
             path.mkdir(mode=0o700, exist_ok=True)
             created = True
     if created:
-        _fsync_dir(root)
+        fsync_dir(root)
 
 
 def list_messages(root: Path) -> list[MaildirMessage]:
@@ -150,7 +144,7 @@ def remove(root: Path, messages: Iterable[MaildirMessage]) -> int:
             failures += 1
     for sub in sorted(touched):
         try:
-            _fsync_dir(root / sub)
+            fsync_dir(root / sub)
         except OSError:
             failures += 1
     return failures
@@ -251,14 +245,6 @@ def _unique_name(size: int, wsize: int) -> str:
         f"{seconds}.M{nanos // 1000}P{os.getpid()}R{secrets.token_hex(6)}.{host}"
         f",S={size},W={wsize}"
     )
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink_quietly(path: Path) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from maildetour.durable import fsync_dir, write_synced
+
 
 class Spool:
     def __init__(self, root: Path) -> None:
@@ -24,23 +26,11 @@ class Spool:
 
     def write(self, queue_id: str, data: bytes) -> None:
         tmp = self.tmp / queue_id
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_synced(tmp, data)
         os.rename(tmp, self.path(queue_id))
 
     def sync(self) -> None:
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.root)
 
     def read(self, queue_id: str) -> bytes:
         return self.path(queue_id).read_bytes()

@@ -6,6 +6,7 @@ import threading
 import time
 from pathlib import Path
 
+from tests.configs import seed
 from tests.harness import message, running_server
 from tests.peers.dnsmasq import DnsRecords, running_dnsmasq
 from tests.peers.sinks import running_sink
@@ -48,9 +49,9 @@ def test_4xx_longer_than_detour_after_is_detoured(tmp_path: Path) -> None:
 def test_an_ordinary_forward_refused_for_good_bounces_naming_only_the_public_address(tmp_path: Path) -> None:
     refuse = "550 5.1.1 <friend@example.org>: Recipient address rejected: friend does not exist"
     with running_sink(rcpt=lambda a: refuse) as friend_host, running_sink() as sender_domain:
-        delivery = f'relay = {{ "gmail.com" = "127.0.0.2:9", "example.org" = "{friend_host.host}:{friend_host.port}",' \
-                   f' "sender.example" = "{sender_domain.host}:{sender_domain.port}" }}'
-        text = _seed_with(delivery, ORDINARY)
+        relay = f'"gmail.com" = "127.0.0.2:9", "example.org" = "{friend_host.host}:{friend_host.port}",' \
+                f' "sender.example" = "{sender_domain.host}:{sender_domain.port}"'
+        text = _seed_with(relay, ORDINARY)
         with running_server(tmp_path, text) as server:
             queue_id = server.send(message("for the team", to="team@example.com"), to=("team@example.com",))
             [dsn] = sender_domain.wait_for(1, timeout=20)
@@ -64,9 +65,9 @@ def test_an_ordinary_forward_refused_for_good_bounces_naming_only_the_public_add
 
 def test_mail_from_the_null_sender_that_fails_is_not_bounced(tmp_path: Path) -> None:
     with running_sink(rcpt=lambda a: "550 5.1.1 no such user") as friend_host, running_sink() as sender_domain:
-        delivery = f'relay = {{ "example.org" = "{friend_host.host}:{friend_host.port}",' \
-                   f' "sender.example" = "{sender_domain.host}:{sender_domain.port}" }}'
-        with running_server(tmp_path, _seed_with(delivery, ORDINARY)) as server:
+        relay = f'"example.org" = "{friend_host.host}:{friend_host.port}",' \
+                f' "sender.example" = "{sender_domain.host}:{sender_domain.port}"'
+        with running_server(tmp_path, _seed_with(relay, ORDINARY)) as server:
             queue_id = server.send(message("a bounce"), sender="", to=("team@example.com",))
             events = server.wait_event(queue_id, "failed")
             assert "bounced" not in [e[0] for e in events]
@@ -80,7 +81,8 @@ def test_next_hop_by_mx_lookup_through_a_loopback_dns_server(tmp_path: Path) -> 
                              a=(("mx1.example.org", "127.0.0.3"),))
         with running_dnsmasq(tmp_path / "dns", records) as dns:
             delivery = f'dns_servers = ["{dns.host}:{dns.port}"]\nsmtp_port = {mx.port}'
-            with running_server(tmp_path / "md", _seed_with(delivery, ORDINARY)) as server:
+            text = _seed_with('"gmail.com" = "127.0.0.2:9"', ORDINARY, delivery)
+            with running_server(tmp_path / "md", text) as server:
                 server.send(message("via mx", to="team@example.com"), to=("team@example.com",))
                 [received] = mx.wait_for(1, timeout=20)
                 assert received.rcpt_tos == ("friend@example.org",)
@@ -138,24 +140,8 @@ def test_kill_9_during_load_loses_no_acknowledged_message(tmp_path: Path) -> Non
         assert not missing_pc and not missing_gmail, (len(acked), sorted(missing_pc)[:5], sorted(missing_gmail)[:5])
 
 
-def _seed_with(delivery: str, extra: str) -> str:
-    return f"""\
-[server]
-hostname = "mx.example.com"
-[smtp]
-listen = ["127.0.0.1:{{smtp_port}}"]
-domains = ["example.com"]
-[delivery]
-{delivery}
-retry_first = "300ms"
-[mailbox."ituki@pc.example.net"]
-password = "x"
-[mailbox."ituki@gm.example.net"]
-password = "x"
-[forward."ituki@example.com"]
-to = ["ituki@pc.example.net", "ituki-ex@gmail.com"]
-[destination."ituki-ex@gmail.com"]
-hidden = true
-detour = "ituki@gm.example.net"
-{extra}
-""".replace("{{smtp_port}}", "{smtp_port}").replace("{", "{{").replace("}", "}}").replace("{{smtp_port}}", "{smtp_port}")
+def _seed_with(relay: str, extra: str, delivery_extra: str = "") -> str:
+    """The seed config plus `extra`, for `running_server` (which fills in {smtp_port})."""
+    text = seed(smtp="127.0.0.1:SMTP_PORT", pop3=None, relay=relay, extra=extra,
+                delivery_extra=f'retry_first = "300ms"\n{delivery_extra}')
+    return text.replace("{", "{{").replace("}", "}}").replace("SMTP_PORT", "{smtp_port}")
