@@ -1,6 +1,6 @@
 """maildetour under test: the DESIGN.md seed config on loopback ports, run as `maildetour serve`.
 
-What it does: `MaildetourSystem(workdir, port, gmail_port).start()` writes
+What it does: `MaildetourSystem(workdir, port, pop3_port, gmail).start()` writes
 `workdir/maildetour.toml` (the seed example: example.com forwarded to the PC mailbox and to the
 hidden gmail address, which detours to the gm.example.net mailbox; gmail.com relayed to the
 stand-in gmail) and runs `python -m maildetour.cli serve --config ...` as a child process.

@@ -114,7 +114,7 @@ class Instance:
 
 @dataclass
 class PostfixRecipe:
-    """Both MTAs of the seed's recipe, delivering the gmail copy to 127.0.0.1:<gmail_port>."""
+    """Both MTAs of the seed's recipe, delivering the gmail copy to the stand-in at `gmail`."""
 
     workdir: Path
     mta1_port: int

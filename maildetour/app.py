@@ -36,19 +36,19 @@ from maildetour.store.sqlite import SqliteStore
 log = logging.getLogger("maildetour")
 
 
-def make_resolver(config: Config, kind: type[dns.resolver.Resolver] = dns.asyncresolver.Resolver
-                  ) -> dns.resolver.Resolver:
-    """The configured DNS servers, or the system's when none are configured. Delivery uses the
-    async kind; the checks and ARC (which run in threads) the blocking kind."""
+def make_resolvers(config: Config) -> tuple[dns.asyncresolver.Resolver, dns.resolver.Resolver]:
+    """The configured DNS servers, or the system's when none are configured: an async resolver
+    for delivery, a blocking one for the checks and ARC (which run in threads)."""
     servers = config.delivery.dns_servers
     if not servers:
-        return kind()
-    resolver = kind(configure=False)
-    resolver.nameservers = [s.host for s in servers]
-    resolver.nameserver_ports = {s.host: s.port for s in servers}
-    resolver.lifetime = 10.0
-    resolver.cache = dns.resolver.Cache()
-    return resolver
+        return dns.asyncresolver.Resolver(), dns.resolver.Resolver()
+    pair = dns.asyncresolver.Resolver(configure=False), dns.resolver.Resolver(configure=False)
+    for resolver in pair:
+        resolver.nameservers = [s.host for s in servers]
+        resolver.nameserver_ports = {s.host: s.port for s in servers}
+        resolver.lifetime = 10.0
+        resolver.cache = dns.resolver.Cache()
+    return pair
 
 
 def private_addresses(config: Config) -> frozenset[str]:
@@ -80,14 +80,14 @@ def validate(config: Config) -> None:
             Outgoing.from_config(signing, authserv_id=config.checks.authserv_id,
                                  dnsfunc=DnsLookup(dns.resolver.Resolver(configure=False)), clock=time.time)
         except OSError as exc:
-            key = "signing.srs_secret_file" if exc.filename == str(signing.srs_secret_file) else "signing.dkim_key"
-            raise ConfigError(key, f"{exc.filename}: {exc.strerror}") from None
+            which = "srs_secret_file" if exc.filename == str(signing.srs_secret_file) else "dkim_key"
+            raise ConfigError(f"signing.{which}", f"{exc.filename}: {exc.strerror}") from None
         except ValueError as exc:
             raise ConfigError("signing", str(exc)) from None
-    for table, cert, key in (("smtp", config.smtp.tls_cert, config.smtp.tls_key),
-                             ("pop3", config.pop3.tls_cert, config.pop3.tls_key)):
+    for table, cert, tls_key in (("smtp", config.smtp.tls_cert, config.smtp.tls_key),
+                                 ("pop3", config.pop3.tls_cert, config.pop3.tls_key)):
         try:
-            server_tls(cert, key)
+            server_tls(cert, tls_key)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"{table}.tls_cert", f"cannot load certificate/key: {exc}") from None
 
@@ -106,7 +106,7 @@ class App:
         config = self.config
         config.server.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         table = RoutingTable.from_config(config)
-        sync_resolver = make_resolver(config, dns.resolver.Resolver)
+        async_resolver, sync_resolver = make_resolvers(config)
         authserv_id = config.checks.authserv_id
         outgoing = None if config.signing is None else Outgoing.from_config(
             config.signing, authserv_id=authserv_id, dnsfunc=DnsLookup(sync_resolver), clock=self.clock)
@@ -114,7 +114,7 @@ class App:
         store = SqliteStore(config.queue_db, config.spool_dir, config.audit_log)
         smtp_agent = SmtpAgent(
             local_hostname=config.server.hostname,
-            nexthop=NextHopResolver(make_resolver(config), relay={  # type: ignore[arg-type]
+            nexthop=NextHopResolver(async_resolver, relay={
                 domain: (hp.host, hp.port) for domain, hp in config.delivery.relay.items()},
                 port=config.delivery.smtp_port),
             connect_timeout=config.delivery.connect_timeout,
