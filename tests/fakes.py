@@ -19,7 +19,7 @@ class MemoryStore:
         self.copies: dict[int, Copy] = {}
         self.events: list[Event] = []
         self.finished: list[str] = []
-        self.kept: dict[str, float | None] = {}
+        self.keep_until: dict[str, float | None] = {}
         self.fail_accept: Exception | None = None
         self._next = 1
 
@@ -51,7 +51,7 @@ class MemoryStore:
 
     async def finish(self, queue_id: str, keep_until: float | None = None) -> None:
         self.finished.append(queue_id)
-        self.kept[queue_id] = keep_until
+        self.keep_until[queue_id] = keep_until
 
     async def find_copy(self, key: str, target: str) -> Copy | None:
         for copy in self.copies.values():
@@ -59,10 +59,16 @@ class MemoryStore:
                 return copy
         return None
 
+    async def kept(self, queue_id: str, now: float) -> bool:
+        if queue_id not in self.finished:
+            return queue_id in self.messages
+        until = self.keep_until.get(queue_id)
+        return until is not None and until >= now
+
     async def purge(self, now: float) -> int:
-        gone = [q for q, until in self.kept.items() if until is not None and until < now]
+        gone = [q for q, until in self.keep_until.items() if until is not None and until < now]
         for q in gone:
-            self.kept[q] = None
+            self.keep_until[q] = None
         return len(gone)
 
     async def story(self, key: str) -> Story | None:

@@ -39,6 +39,7 @@ def seed_text(*, smtp_port: int, pop3_port: int | None, gmail: str, extra: str =
 def message(subject: str, *, sender: str = "alice@sender.example", to: str = "ituki@example.com",
             body: bytes = b"Hello.\r\n", extra_headers: str = "") -> bytes:
     head = (f"From: Alice <{sender}>\r\nTo: <{to}>\r\nSubject: {subject}\r\n"
+            "Date: Mon, 23 Nov 2026 12:00:00 +0000\r\n"
             f"Message-ID: <{subject.replace(' ', '-')}@sender.example>\r\n{extra_headers}"
             "MIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n")
     return head.encode() + body

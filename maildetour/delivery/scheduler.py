@@ -113,6 +113,10 @@ class Scheduler:
                 outcomes = await self._deliver(group)
                 for copy in group:
                     await self._settle(copy, outcomes.get(copy.target.lower(), _UNKNOWN))
+        except FileNotFoundError:
+            log.error("message %s has no bytes in the spool; quarantining its copies", queue_id)
+            for copy in group:
+                await self._quarantine_lost(copy)
         except Exception:
             log.exception("delivery of %s failed unexpectedly; retrying later", queue_id)
             for copy in group:
@@ -208,6 +212,12 @@ class Scheduler:
         self.submit(made, dsn)
         return queue_id
 
+    async def _quarantine_lost(self, copy: Copy) -> None:
+        held = replace(copy, state="quarantined")
+        await self.store.update(held, [Event(self.clock(), copy.queue_id, copy.id, "quarantined", copy.target,
+                                             "message bytes missing from the spool")])
+        await self._finish_copy(held)
+
     # --- bookkeeping ------------------------------------------------------------------------
     def _schedule(self, copy: Copy) -> None:
         self._copies[copy.id] = copy
@@ -234,24 +244,27 @@ class Scheduler:
                 log.info("removed %d messages kept for late bounces", removed)
 
     # --- late bounces -------------------------------------------------------------------------
-    async def late_bounce(self, message: NewMessage, data: bytes) -> None:
-        """A DSN came back to one of our SRS addresses. It is kept (for `trace`) but never
-        forwarded; each failed recipient it names that matches a copy we delivered counts as a
-        refusal of that copy (hidden: detour; ordinary: our own private DSN)."""
+    async def late_bounce(self, message: NewMessage, data: bytes, senders: tuple[str, ...]) -> None:
+        """A DSN came back to one of our SRS addresses (which decode to `senders`). It is kept
+        (for `trace`) but never forwarded. Each failed recipient it names that matches a copy we
+        delivered for one of `senders`, and whose bytes we still keep, counts as a refusal of
+        that copy (hidden: detour; ordinary: our own private DSN)."""
         now = message.received_at
         report = parse_bounce(data, self.hostname)
+        wanted = {s.lower() for s in senders}
         matches: list[tuple[Copy, str]] = []
         for failed in report.failed:
             for queue_id in report.queue_ids:
                 copy = await self.store.find_copy(queue_id, failed.address)
-                if copy is not None and copy.state == "delivered" and copy.id not in self._copies:
+                if (copy is not None and copy.state == "delivered" and copy.id not in self._copies
+                        and copy.mail_from.lower() in wanted and await self.store.kept(copy.queue_id, now)):
                     matches.append((copy, f"late bounce {message.queue_id}: {failed.status} {failed.diagnostic}"))
         events = [Event(now, message.queue_id, None, "accepted", "", f"DSN to our SRS address; client={message.client}")]
         events += [Event(now, message.queue_id, None, "late-bounce", c.target, f"reports on {c.queue_id} copy #{c.id}")
                    for c, _ in matches]
         if not matches:
             events.append(Event(now, message.queue_id, None, "quarantined", "",
-                                "late bounce matched no copy we delivered; kept, not forwarded"))
+                                "late bounce matched no copy we delivered and still keep; kept, not forwarded"))
         await self.store.accept(message, data, [], events)
         for copy, reply in matches:
             self._by_message.setdefault(copy.queue_id, set()).add(copy.id)

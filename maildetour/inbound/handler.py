@@ -52,7 +52,8 @@ class Checks:
         return verdicts.field()
 
 
-LateBounce = Callable[[NewMessage, bytes], Awaitable[None]]
+# (the DSN as stored, its bytes, the original senders its SRS recipients decode to)
+LateBounce = Callable[[NewMessage, bytes, tuple[str, ...]], Awaitable[None]]
 
 
 class Handler:
@@ -110,9 +111,10 @@ class Handler:
         assert self.srs is not None
         if envelope.routes:
             return str(replies.SEPARATE_BOUNCES)
-        if isinstance(self.srs.reverse(srs_address, self.clock()), SrsError):
+        original = self.srs.reverse(srs_address, self.clock())
+        if isinstance(original, SrsError):
             return str(replies.UNKNOWN_USER)
-        envelope.srs_rcpts.append(srs_address)
+        envelope.srs_rcpts.append(original)
         envelope.rcpt_tos.append(address)
         return str(replies.RECIPIENT_OK)
 
@@ -136,12 +138,13 @@ class Handler:
         full = received_header(
             helo=session.host_name or "", client_ip=client_ip, hostname=self.hostname,
             queue_id=queue_id, protocol=protocol,
-            recipients=tuple(r.recipient for r in routes) or tuple(envelope.srs_rcpts), now=now,
+            recipients=tuple(r.recipient for r in routes), now=now,
         ) + data
         client = f"{session.host_name} [{client_ip}]"
         if envelope.srs_rcpts:
             assert self.on_late_bounce is not None
-            await self.on_late_bounce(NewMessage(queue_id, sender, now, find_message_id(data), len(full), client), full)
+            await self.on_late_bounce(NewMessage(queue_id, sender, now, find_message_id(data), len(full), client),
+                                      full, tuple(envelope.srs_rcpts))
             return str(replies.queued(queue_id))
         looped = count_received(full) > self.limits.max_received
         copies = self._plan(routes, "quarantined" if looped else "queued")

@@ -41,6 +41,10 @@ class Store(Protocol):
         """The copy of message `key` (queue id or Message-ID) that went to `target`."""
         ...
 
+    async def kept(self, queue_id: str, now: float) -> bool:
+        """Are the message's bytes still here (not finished, or kept until after `now`)?"""
+        ...
+
     async def purge(self, now: float) -> int:
         """Remove the bytes of finished messages whose keep_until has passed; return how many."""
         ...

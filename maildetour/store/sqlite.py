@@ -243,6 +243,13 @@ class SqliteStore:
 
         return await self._submit(query)
 
+    async def kept(self, queue_id: str, now: float) -> bool:
+        def query(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT finished, keep_until FROM messages WHERE queue_id=?", (queue_id,)).fetchone()
+            return row is not None and (not row[0] or (row[1] is not None and row[1] >= now))
+
+        return await self._submit(query) and await asyncio.to_thread(self.spool.path(queue_id).exists)
+
     async def purge(self, now: float) -> int:
         def expired(conn: sqlite3.Connection) -> list[str]:
             rows = conn.execute("SELECT queue_id FROM messages WHERE finished=1 AND keep_until < ?"

@@ -15,18 +15,20 @@ tool that is not ours:
 
 from __future__ import annotations
 
+import base64
 import re
-import smtplib
+import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import dkim
 import dns.exception
 import dns.resolver
+import nacl.signing
 import pytest
 import spf
 
@@ -62,6 +64,8 @@ class Keys:
     hop2_txt: str
     signed: bytes  # signed.example's key, for mail *to* us
     signed_txt: str
+    ed25519: Path  # our optional second key: base64 of the 32-byte seed
+    ed25519_txt: str
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +74,11 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
     ours_txt = generate_key(folder / "ours.key")
     hop2_txt = generate_key(folder / "hop2.key")
     signed_txt = generate_key(folder / "signed.key")
+    seed = nacl.signing.SigningKey.generate()
+    (folder / "ed25519.key").write_bytes(base64.b64encode(bytes(seed)) + b"\n")
+    ed25519_txt = "v=DKIM1; k=ed25519; p=" + base64.b64encode(bytes(seed.verify_key)).decode()
     return Keys(folder / "ours.key", ours_txt, folder / "hop2.key", hop2_txt,
-                (folder / "signed.key").read_bytes(), signed_txt)
+                (folder / "signed.key").read_bytes(), signed_txt, folder / "ed25519.key", ed25519_txt)
 
 
 def zones(keys: Keys) -> DnsRecords:
@@ -82,6 +89,7 @@ def zones(keys: Keys) -> DnsRecords:
         txt=(
             (OURS, "v=spf1 ip4:127.0.0.0/8 -all"),
             (f"md1._domainkey.{OURS}", keys.ours_txt),
+            (f"ed1._domainkey.{OURS}", keys.ed25519_txt),
             (HOP2, "v=spf1 ip4:127.0.0.0/8 -all"),
             (f"md1._domainkey.{HOP2}", keys.hop2_txt),
             ("sender.example", "v=spf1 ip4:127.0.0.0/8 -all"),  # no DMARC record: dmarc=none
@@ -108,7 +116,7 @@ def srs_secret(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def txt_lookup(peer: DnsPeer) -> object:
+def txt_lookup(peer: DnsPeer) -> Callable[..., bytes | None]:
     """A dkimpy `dnsfunc` of our own (not maildetour's adapter): TXT through dnsmasq only."""
     resolver = peer.sync_resolver()
 
@@ -132,7 +140,8 @@ def _template(text: str) -> str:
 
 
 def config(*, dns: DnsPeer, key: Path, secret: Path, relays: dict[str, str], extra: str = "",
-           hostname: str = AUTHSERV, domain: str = OURS, forwards: str | None = None) -> str:
+           hostname: str = AUTHSERV, domain: str = OURS, forwards: str | None = None,
+           signing_extra: str = "") -> str:
     """The seed setup of DESIGN.md plus [signing]; next hops by `relays` (domain -> host:port)."""
     relay = ", ".join(f'"{d}" = "{hp}"' for d, hp in relays.items())
     routes = forwards if forwards is not None else f"""
@@ -162,6 +171,7 @@ domain          = "{domain}"
 selector        = "md1"
 dkim_key        = "{key}"
 srs_secret_file = "{secret}"
+{signing_extra}
 {routes}
 {extra}
 """)
@@ -184,12 +194,6 @@ def header(data: bytes, name: str) -> list[str]:
             if f.lower().startswith(prefix)]
 
 
-def subject_in(blobs: list[bytes], subject: str) -> bytes:
-    found = [b for b in blobs if f"\r\nSubject: {subject}\r\n".encode() in b]
-    assert len(found) == 1, (subject, len(found))
-    return found[0]
-
-
 # -- 1. what a forwarded copy carries -----------------------------------------------------------
 
 
@@ -210,9 +214,11 @@ def test_a_forwarded_copy_carries_srs_dkim_and_arc_that_other_tools_accept(
         port53: Port53Dns, monkeypatch: pytest.MonkeyPatch) -> None:
     with running_sink() as gmail:
         text = config(dns=dns_peer, key=keys.ours, secret=srs_secret,
-                      relays={"gmail.com": f"{gmail.host}:{gmail.port}"})
+                      relays={"gmail.com": f"{gmail.host}:{gmail.port}"},
+                      signing_extra=f'ed25519_selector = "ed1"\ned25519_key = "{keys.ed25519}"')
         with running_server(tmp_path, text) as server:
-            server.send(message("forward me"))
+            # From signed.example (which signs it), envelope from sender.example (SPF passes).
+            server.send(signed_by_signed_example(keys, "forward me"), sender=SENDER)
             [copy] = gmail.wait_for(1)
             [local] = server.wait_mailbox(PC, 1)
 
@@ -221,20 +227,29 @@ def test_a_forwarded_copy_carries_srs_dkim_and_arc_that_other_tools_accept(
     assert copy.rcpt_tos == (HIDDEN,)
     assert postsrsd.reverse(copy.mail_from) == (200, SENDER)
 
-    # DKIM: one signature, ours, verified by dkimpy and by libopendkim (keys from dnsmasq).
-    [signature] = header(copy.data, "DKIM-Signature")
-    assert "d=example.com;" in signature.replace(" ", "") and "s=md1;" in signature.replace(" ", "")
-    assert dkim.verify(copy.data, dnsfunc=txt_lookup(dns_peer))
-    assert not dkim.verify(copy.data.replace(b"Hello.", b"Hullo."), dnsfunc=txt_lookup(dns_peer))
-    verified = verify_with_opendkim(port53.resolv_conf, copy.data)
+    # DKIM: ours (rsa-sha256, then ed25519-sha256) on top of the sender's, which is untouched.
+    signatures = [s.replace(" ", "") for s in header(copy.data, "DKIM-Signature")]
+    assert [(_tag(s, "d"), _tag(s, "s"), _tag(s, "a")) for s in signatures] == [
+        (OURS, "md1", "rsa-sha256"), (OURS, "ed1", "ed25519-sha256"), ("signed.example", "s1", "rsa-sha256")]
+    lookup = txt_lookup(dns_peer)
+    for index in range(3):
+        assert _verifies(copy.data, index, lookup), signatures[index]
+        assert not _verifies(copy.data.replace(b"noon", b"one"), index, lookup)
+    # libopendkim on our rsa-sha256 signature alone (the other two removed), then tampered.
+    ours_only = _only_signature(copy.data, "md1")
+    assert ours_only.count(b"DKIM-Signature:") == 1
+    verified = verify_with_opendkim(port53.resolv_conf, ours_only)
     assert verified.returncode == 0, verified.stderr
     assert f"md1._domainkey.{OURS}" in port53.peer.log()
+    tampered = verify_with_opendkim(port53.resolv_conf, ours_only.replace(b"noon", b"one"))
+    assert tampered.returncode != 0 and b"signature" in tampered.stderr.lower()
 
     # ARC: instance 1, sealing our inbound verdicts, valid for dkimpy.
     assert [s.split(";")[0] for s in header(copy.data, "ARC-Seal")] == ["i=1"]
     assert "cv=none" in header(copy.data, "ARC-Seal")[0]
     [aar] = header(copy.data, "ARC-Authentication-Results")
-    assert aar.startswith(f"i=1; {AUTHSERV};") and "spf=pass" in aar
+    assert aar.startswith(f"i=1; {AUTHSERV};") and "spf=pass" in aar and "dkim=pass" in aar
+    assert "dmarc=pass" in aar and "arc=none" in aar
     cv, results, reason = dkim.arc_verify(copy.data, dnsfunc=txt_lookup(dns_peer))
     assert cv == b"pass", reason
     assert [r["instance"] for r in results] == [1]
@@ -258,9 +273,34 @@ def test_a_forwarded_copy_carries_srs_dkim_and_arc_that_other_tools_accept(
 
     # The local copy: our verdicts, nothing of the outgoing additions.
     assert local.startswith(b"Return-Path: <alice@sender.example>\r\n")
-    assert header(local, "Authentication-Results")[0].startswith(f"{AUTHSERV}; spf=pass")
-    for absent in (b"SRS0", b"DKIM-Signature", b"ARC-"):
+    [results] = header(local, "Authentication-Results")
+    assert results.startswith(f"{AUTHSERV}; spf=pass") and "dkim=pass" in results and "dmarc=pass" in results
+    assert [_tag(s.replace(" ", ""), "d") for s in header(local, "DKIM-Signature")] == ["signed.example"]
+    for absent in (b"SRS0", b"ARC-", f"d={OURS}".encode()):
         assert absent not in local
+
+
+def _verifies(data: bytes, index: int, dnsfunc: Callable[..., bytes | None]) -> bool:
+    """dkimpy's verdict on the index-th DKIM-Signature (from the top)."""
+    try:
+        return bool(dkim.DKIM(data).verify(idx=index, dnsfunc=dnsfunc))
+    except dkim.DKIMException:
+        return False
+
+
+def _only_signature(data: bytes, selector: str) -> bytes:
+    """`data` without the DKIM-Signature fields of other selectors."""
+    head, body = data.split(b"\r\n\r\n", 1)
+    fields = re.split(rb"\r\n(?![ \t])", head)
+    kept = [f for f in fields if not f.lower().startswith(b"dkim-signature:")
+            or _tag(re.sub(rb"\s", b"", f).decode(), "s") == selector]
+    return b"\r\n".join(kept) + b"\r\n\r\n" + body
+
+
+def _tag(signature: str, name: str) -> str:
+    """A tag's value in an unfolded, space-free DKIM-Signature value."""
+    found = re.search(rf"(?:^|;){name}=([^;]*)", signature)
+    return found.group(1) if found else ""
 
 
 # -- 2. two forwarders in a row -----------------------------------------------------------------
@@ -336,11 +376,13 @@ def test_inbound_verdicts_reach_the_delivered_copy(
     verdict_server.send(data, sender=mail_from)
     copy = _wait_subject(verdict_server, PC, subject)
     [ours] = [v for v in header(copy, "Authentication-Results") if v.startswith(AUTHSERV + ";")]
-    assert f"spf={spf_word} smtp.mailfrom={mail_from}" in ours
+    assert f"; spf={spf_word} smtp.helo=client.test smtp.mailfrom={mail_from};" in ours
     if dkim_word == "none":  # no signature, no dkim result
         assert "dkim=" not in ours
     else:
-        assert f"dkim={dkim_word} header.d=signed.example" in ours
+        assert f"dkim={dkim_word} " in ours and "header.d=signed.example" in ours
+        if dkim_word == "fail":
+            assert 'reason="body hash mismatch"' in ours
     assert f"dmarc={dmarc_word}" in ours
 
 
@@ -412,6 +454,8 @@ def test_late_bounce_of_a_hidden_copy_detours_it_and_tells_nobody(
             [copy] = gmail.wait_for(1)
             server.wait_event(queue_id, "delivered", target=HIDDEN)
             assert server.mailbox(DETOUR) == []
+            server.stop()  # the delivered copy is kept on disk for late bounces, not in memory
+            server.start()
 
             dsn = late_dsn(to=copy.mail_from, reporter="gmail.com", final_recipient=HIDDEN,
                            returned=copy.data, marker="late-marker-1")
@@ -472,6 +516,36 @@ def test_late_bounce_of_an_ordinary_forward_becomes_our_own_private_dsn(
         assert private not in ours.data.lower(), private
 
 
+def test_a_late_bounce_about_a_message_no_longer_kept_is_recorded_not_obeyed(
+        tmp_path: Path, keys: Keys, dns_peer: DnsPeer, srs_secret: Path) -> None:
+    with running_sink() as gmail:
+        text = config(dns=dns_peer, key=keys.ours, secret=srs_secret,
+                      relays={"gmail.com": f"{gmail.host}:{gmail.port}"})
+        with running_server(tmp_path, text) as server:
+            queue_id = server.send(message("a bounce we forward"), sender="")
+            [copy] = gmail.wait_for(1)
+            assert copy.mail_from == ""  # no SRS address: nothing may come back about this copy
+            server.wait_event(queue_id, "delivered", target=HIDDEN)
+            # Any valid SRS address of ours lets a report in; this one names that copy.
+            srs = SrsCodec(load_secrets(srs_secret), OURS).forward(SENDER, time.time())
+            dsn = late_dsn(to=srs, reporter="gmail.com", final_recipient=HIDDEN, returned=copy.data,
+                           marker="late-marker-3")
+            dsn_id = server.send(dsn, sender="", to=(srs,))
+            server.wait_event(dsn_id, "accepted")
+            time.sleep(1.0)  # retry_first is 300ms: a retry loop shows by now
+            assert "failed unexpectedly" not in server.log()
+            assert _queued_copies(server) == 0
+            assert server.mailbox(DETOUR) == []
+
+
+def _queued_copies(server: Server) -> int:
+    conn = sqlite3.connect(f"file:{server.state / 'queue.sqlite3'}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT count(*) FROM copies WHERE state='queued'").fetchone()[0])
+    finally:
+        conn.close()
+
+
 # -- 5. skip_when ------------------------------------------------------------------------------
 
 
@@ -489,13 +563,17 @@ def test_skip_when_dmarc_fail_detours_without_trying_the_hidden_destination(
             assert "dmarc=fail" in results
             events = server.wait_event(queue_id, "detoured", target=DETOUR)
             assert any(e[0] == "detoured" and "skip_when" in e[2] for e in events)
+            # The envelope sender is the sender's to choose: "dmarc=pass" in it is no verdict.
+            tricky = "dmarc=pass@strict.example"
+            server.send(message("spoofed again", sender="bob@strict.example"), sender=tricky)
+            server.wait_mailbox(DETOUR, 2)
             assert gmail.attempts == 0 and gmail.connections == 0
 
             # A message that passes still goes to the hidden destination.
             server.send(message("genuine"))
             [delivered] = gmail.wait_for(1)
             assert b"Subject: genuine" in delivered.data
-            assert len(server.mailbox(DETOUR)) == 1
+            assert len(server.mailbox(DETOUR)) == 2
 
 
 # -- 6. the command line ------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,6 +63,9 @@ def test_postfix_refuses_the_eicar_body_after_data_with_550_5_7_0(gmail: Postfix
         smtp.sendmail("sender@example.com", ["other@gmail.com"], _message("scan me", EICAR))
     assert refused.value.smtp_code == 550
     assert refused.value.smtp_error == b"5.7.0 message refused: virus found"
+    deadline = time.monotonic() + 10  # postfix logs through its own daemon: wait for the line
+    while "reject: body" not in gmail.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert "reject: body" in gmail.log()
     assert gmail.messages("other@gmail.com") == []
 
