@@ -140,6 +140,7 @@ class App:
             handler, hostname=config.server.hostname, max_sessions=config.smtp.max_sessions,
             max_message_size=config.smtp.max_message_size, command_timeout=config.smtp.command_timeout,
             data_timeout=config.smtp.data_timeout, tls=server_tls(config.smtp.tls_cert, config.smtp.tls_key),
+            max_line_length=config.smtp.max_line_length,
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -222,6 +222,7 @@ def _smtp(t: _Table, base: Path) -> SmtpConfig:
         max_recipients=_positive_int(t, "max_recipients", d.max_recipients),
         command_timeout=t.convert("command_timeout", parse_duration, d.command_timeout),
         data_timeout=t.convert("data_timeout", parse_duration, d.data_timeout),
+        max_line_length=_positive_int(t, "max_line_length", d.max_line_length),
         tls_cert=cert,
         tls_key=key,
     )

@@ -208,8 +208,9 @@ class SmtpAgent:
         for domain, rcpts in by_domain.items():
             part = dataclasses.replace(job, recipients=tuple(dict.fromkeys(rcpts)))
             match await self._nexthop.resolve(domain):
-                case NoHost(reason):
-                    results.update((r, Unreachable(reason)) for r in part.recipients)
+                case NoHost(reason):  # NXDOMAIN, null MX, no MX and no A: refused for good
+                    code = "556 5.1.10" if "null MX" in reason else "550 5.1.2"  # RFC 7505 3.2 / RFC 3463
+                    results.update((r, PermanentFailure(f"{code} {reason}")) for r in part.recipients)
                 case DnsTemporary(reason):
                     results.update((r, TemporaryFailure(reason)) for r in part.recipients)
                 case NextHops(hosts):

@@ -44,7 +44,8 @@ class Session(SMTP):
     """One client connection."""
 
     def __init__(self, handler: Handler, *, data_timeout: float, on_close: Callable[[], None],
-                 **kwargs: Any) -> None:
+                 max_line_length: int, **kwargs: Any) -> None:
+        self.line_length_limit = max_line_length + 3  # CRLF and a transparency dot (RFC 5321 4.5.2)
         super().__init__(handler, **kwargs)
         self._data_timeout = data_timeout
         self._data_started: float | None = None
@@ -105,8 +106,10 @@ class SessionFactory:
     """Builds a `Session` per connection while fewer than `max_sessions` are open."""
 
     def __init__(self, handler: Handler, *, hostname: str, max_sessions: int, max_message_size: int,
-                 command_timeout: float, data_timeout: float, tls: ssl.SSLContext | None) -> None:
+                 command_timeout: float, data_timeout: float, tls: ssl.SSLContext | None,
+                 max_line_length: int = 8192) -> None:
         self.handler, self.hostname, self.max_sessions = handler, hostname, max_sessions
+        self.max_line_length = max_line_length
         self.max_message_size, self.tls = max_message_size, tls
         self.command_timeout, self.data_timeout = command_timeout, data_timeout
         self.open = 0
@@ -121,6 +124,7 @@ class SessionFactory:
         self.open += 1
         return Session(
             self.handler, data_timeout=self.data_timeout, on_close=self._closed,
+            max_line_length=self.max_line_length,
             hostname=self.hostname, ident="ESMTP", data_size_limit=self.max_message_size,
             enable_SMTPUTF8=True, decode_data=False, tls_context=self.tls,
             timeout=self.command_timeout, loop=asyncio.get_running_loop(),

@@ -187,3 +187,15 @@ dns_servers = ["127.0.0.1:9"]
 [mailbox."box@example.com"]
 password = "x"
 """
+
+
+def test_long_lines_up_to_the_limit_are_taken_longer_ones_refused(server: Server) -> None:
+    raw = session(server)
+    for length, expected in ((5000, "250 2.0.0"), (9000, "500 5.5.2")):
+        raw.cmd(b"MAIL FROM:<a@sender.example>")
+        raw.cmd(b"RCPT TO:<ituki@example.com>")
+        assert raw.cmd(b"DATA").startswith("354")
+        raw.sock.sendall(b"Subject: long\r\n\r\n" + b"x" * length + b"\r\n.\r\n")
+        assert raw.reply().startswith(expected)
+    assert raw.cmd(b"NOOP").startswith("250")
+    raw.close()

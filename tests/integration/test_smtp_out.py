@@ -199,9 +199,11 @@ def test_all_mx_failing_is_temporary_if_any_failure_is_temporary() -> None:
 
 
 def test_no_host_and_dns_trouble_become_outcomes_without_connecting() -> None:
-    unreachable = deliver_once(StaticHops(NoHost("null MX")), job("a@dest.test"))
+    null_mx = deliver_once(StaticHops(NoHost("dest.test: null MX")), job("a@dest.test"))
+    no_domain = deliver_once(StaticHops(NoHost("MX dest.test: no such domain")), job("a@dest.test"))
     later = deliver_once(StaticHops(DnsTemporary("SERVFAIL")), job("a@dest.test"))
-    assert unreachable == {"a@dest.test": Unreachable("null MX")}
+    assert null_mx == {"a@dest.test": PermanentFailure("556 5.1.10 dest.test: null MX")}
+    assert no_domain == {"a@dest.test": PermanentFailure("550 5.1.2 MX dest.test: no such domain")}
     assert later == {"a@dest.test": TemporaryFailure("SERVFAIL")}
 
 
