@@ -56,7 +56,7 @@ class Scheduler:
         self._busy: set[int] = set()
         self._data: dict[str, bytes] = {}
         self._wake = asyncio.Event()
-        self._slots = asyncio.Semaphore(MAX_PARALLEL_ATTEMPTS)
+        self._running = 0  # attempts in flight
 
     # --- intake -----------------------------------------------------------------------------
     def submit(self, copies: list[Copy], data: bytes | None = None) -> None:
@@ -82,37 +82,50 @@ class Scheduler:
                 tasks.create_task(self._purge_loop())
             while True:
                 self._wake.clear()
-                for group in self._due_groups(self.clock()):
+                # Dispatch no more than there are free slots: a drained backlog of 100,000 due
+                # copies must not become 100,000 waiting tasks (memory); the rest stay in the
+                # heap and go out as attempts finish (each one wakes this loop).
+                free = MAX_PARALLEL_ATTEMPTS - self._running
+                for group in self._due_groups(self.clock(), free):
                     self._busy.update(c.id for c in group)
+                    self._running += 1
                     tasks.create_task(self._attempt(group))
-                timeout = max(self._heap[0][0] - self.clock(), 0.0) if self._heap else None
+                if self._running >= MAX_PARALLEL_ATTEMPTS:
+                    timeout = None  # a finishing attempt wakes us
+                else:
+                    timeout = max(self._heap[0][0] - self.clock(), 0.0) if self._heap else None
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 except TimeoutError:
                     pass
 
-    def _due_groups(self, now: float) -> list[list[Copy]]:
+    def _due_groups(self, now: float, limit: int) -> list[list[Copy]]:
+        """Up to `limit` groups of due copies (one message, one kind, one domain each)."""
         groups: dict[tuple[str, str, str], list[Copy]] = {}
         taken: set[int] = set()
         while self._heap and self._heap[0][0] <= now:
+            if len(groups) >= limit and (self._heap[0][2] not in self._copies
+                                         or self._group_key(self._copies[self._heap[0][2]]) not in groups):
+                break
             due, _, copy_id = heapq.heappop(self._heap)
             copy = self._copies.get(copy_id)
             if copy is None or copy_id in self._busy or copy_id in taken or copy.next_at > due:
                 continue  # finished, in flight, taken, or rescheduled (a later entry exists)
             taken.add(copy_id)
-            kind = self.table.kind(copy.target)
-            domain = copy.target.rsplit("@", 1)[-1] if kind == "smtp" else ""
-            groups.setdefault((copy.queue_id, kind, domain), []).append(copy)
+            groups.setdefault(self._group_key(copy), []).append(copy)
         return list(groups.values())
+
+    def _group_key(self, copy: Copy) -> tuple[str, str, str]:
+        kind = self.table.kind(copy.target)
+        return copy.queue_id, kind, copy.target.rsplit("@", 1)[-1] if kind == "smtp" else ""
 
     # --- one attempt ------------------------------------------------------------------------
     async def _attempt(self, group: list[Copy]) -> None:
         queue_id = group[0].queue_id
         try:
-            async with self._slots:
-                outcomes = await self._deliver(group)
-                for copy in group:
-                    await self._settle(copy, outcomes.get(copy.target.lower(), _UNKNOWN))
+            outcomes = await self._deliver(group)
+            for copy in group:
+                await self._settle(copy, outcomes.get(copy.target.lower(), _UNKNOWN))
         except FileNotFoundError:
             log.error("message %s has no bytes in the spool; quarantining its copies", queue_id)
             for copy in group:
@@ -122,6 +135,7 @@ class Scheduler:
             for copy in group:
                 self._schedule(replace(copy, next_at=self.clock() + self.delivery.retry_first))
         finally:
+            self._running -= 1
             self._busy.difference_update(c.id for c in group)
             self._cool(queue_id)
             self._wake.set()

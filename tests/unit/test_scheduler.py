@@ -132,3 +132,46 @@ def test_at_start_up_unfinished_copies_are_delivered_again(tmp_path: Path) -> No
     asyncio.run(main())
     assert [j.recipients for j in smtp.jobs] == [(HIDDEN,)]
     assert store.finished == ["Q0"]
+
+
+def test_a_large_backlog_is_worked_off_with_bounded_parallel_attempts(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import maildetour.delivery.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "MAX_PARALLEL_ATTEMPTS", 3)
+    config = seed_config(tmp_path, CHAIN)
+    store = MemoryStore()
+
+    class Slow:
+        def __init__(self) -> None:
+            self.now = self.peak = self.done = 0
+
+        async def deliver(self, job):  # type: ignore[no-untyped-def]
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+            await asyncio.sleep(0.001)
+            self.now -= 1
+            self.done += 1
+            return {r: Delivered("250 ok") for r in job.recipients}
+
+        async def close(self) -> None:
+            pass
+
+    slow = Slow()
+
+    async def main() -> None:
+        for i in range(60):
+            await store.accept(NewMessage(f"Q{i:03}", "a@b.example", 5.0, "", 1, "c"), b"x\r\n",
+                               [NewCopy("ituki@example.com", HIDDEN, True)], [])
+        scheduler = Scheduler(store=store, table=RoutingTable.from_config(config),
+                              agents={"smtp": slow, "local": slow}, delivery=config.delivery,
+                              hostname="mx.example.com", redactor=Redactor(frozenset()), clock=Clock())
+        task = asyncio.create_task(scheduler.run())
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if len(store.finished) == 60:
+                break
+        task.cancel()
+
+    asyncio.run(main())
+    assert slow.done == 60 and len(store.finished) == 60
+    assert slow.peak <= 3
