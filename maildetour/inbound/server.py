@@ -49,11 +49,20 @@ class Session(SMTP):
         super().__init__(handler, **kwargs)
         self._data_timeout = data_timeout
         self._data_started: float | None = None
+        self._held: list[str] = []
         self._on_close = on_close
 
     async def push(self, status: Any) -> None:
+        """Send a reply line. Lines of a multi-line reply ("250-...") are held and written with
+        the last one: one system call for the whole EHLO reply instead of one per line."""
         if isinstance(status, str):
             status = translate(status)
+            if status[3:4] == "-":
+                self._held.append(status)
+                return
+            if self._held:
+                status = "\r\n".join([*self._held, status])
+                self._held.clear()
         await super().push(status)
 
     def data_received(self, data: bytes) -> None:

@@ -101,10 +101,18 @@ class SqliteStore:
         self.spool = Spool(spool_dir)
         self.spool.clear_tmp()
         self._conn = connect(db_path)
+        self._remove_orphans()
         self._audit: TextIO = open(audit_path, "a", encoding="utf-8")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
         self._pending: list[_Op] = []
         self._wake = asyncio.Event()
+
+    def _remove_orphans(self) -> None:
+        """Spool files whose commit never happened (a crash between the two) were never
+        acknowledged: remove them at start-up."""
+        known = {row[0] for row in self._conn.execute("SELECT queue_id FROM messages")}
+        for name in self.spool.names() - known:
+            self.spool.remove(name)
 
     # --- the writer -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -219,19 +227,19 @@ class SqliteStore:
         return await asyncio.to_thread(self.spool.read, queue_id)
 
     async def finish(self, queue_id: str, keep_until: float | None = None) -> None:
-        def mark(conn: sqlite3.Connection) -> bool:
+        def mark(conn: sqlite3.Connection) -> None:
             conn.execute("UPDATE messages SET finished=1, keep_until=? WHERE queue_id=?",
                          (keep_until, queue_id))
             if keep_until is not None:
-                return False
+                return
             held = conn.execute(
                 "SELECT 1 FROM copies WHERE queue_id=? AND state IN ('queued','quarantined') LIMIT 1",
                 (queue_id,),
             ).fetchone()
-            return held is None
+            if held is None:  # in the writer thread: no extra hand-off; a crash leaves a file at most
+                self.spool.remove(queue_id)
 
-        if await self._submit(mark):
-            await asyncio.to_thread(self.spool.remove, queue_id)
+        await self._submit(mark)
 
     async def find_copy(self, key: str, target: str) -> Copy | None:
         def query(conn: sqlite3.Connection) -> Copy | None:
