@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from bench.run import QUICK, Plan, run
 
@@ -35,6 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+async def _cancellable(work: Coroutine[Any, Any, object]) -> None:
+    """Run `work`; SIGTERM cancels it like Ctrl-C does, so every started process is stopped."""
+    task = asyncio.ensure_future(work)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    await task
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     plan = QUICK if args.quick else Plan()
@@ -51,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         changes["memory"] = args.memory
     plan = dataclasses.replace(plan, **changes)  # type: ignore[arg-type]
     try:
-        asyncio.run(run(plan, args.out, mode="quick" if args.quick else "full"))
+        asyncio.run(_cancellable(run(plan, args.out, mode="quick" if args.quick else "full")))
     except (RuntimeError, TimeoutError, OSError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1

@@ -24,7 +24,7 @@ class SmtpError(Exception):
 
 
 async def _reply(reader: asyncio.StreamReader) -> tuple[int, str]:
-    lines = []
+    lines: list[str] = []
     while True:
         line = await reader.readline()
         if not line:

@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.proc import cpu_seconds_tree, memory_kb, wait_port
+from bench.proc import cpu_seconds_tree, die_with_parent, memory_kb, wait_port
 
 
 def seed_config(*, smtp_port: int, pop3_port: int, gmail: tuple[str, int], delivery_extra: str = "",
@@ -97,7 +97,8 @@ class MaildetourSystem:
         with open(self.workdir / "server.log", "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "maildetour.cli", "serve", "--config", str(config)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=env)
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=env,
+                preexec_fn=die_with_parent)
         try:
             wait_port("127.0.0.1", self.smtp_port, timeout=15, alive=self.proc)
         except (TimeoutError, RuntimeError) as exc:

@@ -17,7 +17,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from bench.proc import free_port, wait_port
+from bench.proc import die_with_parent, free_port, wait_port
 from bench.sink import message_seq
 from bench.watch import MaildirWatch
 
@@ -36,7 +36,7 @@ class Sink:
     async def start(self) -> None:
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.sink", "--host", self.host, "--port", str(self.port),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, preexec_fn=die_with_parent)
         assert self._proc.stdout is not None
         first = await asyncio.wait_for(self._proc.stdout.readline(), 15)
         if first.strip() != b"ready":

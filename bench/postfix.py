@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.proc import cpu_seconds_tree, group_members, wait_port
+from bench.proc import cpu_seconds_tree, die_with_parent, group_members, wait_port
 
 PUBLIC = "ituki@example.com"
 PC = "ituki@pc.example.net"
@@ -78,7 +78,8 @@ class Instance:
     def start(self, daemon_dir: Path) -> None:
         with open(self.workdir / "master.out", "ab") as out:
             self.proc = subprocess.Popen([str(daemon_dir / "master"), "-c", str(self.conf), "-s"],
-                                         stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=self.queue)
+                                         stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=self.queue,
+                                         preexec_fn=die_with_parent)
         try:
             wait_port("127.0.0.1", self.port, timeout=15, alive=self.proc)
         except (TimeoutError, RuntimeError) as exc:

@@ -1,20 +1,30 @@
 """Process and port helpers for the bench: free ports, waiting for a port, CPU and memory.
 
 What it does: `free_port` asks the kernel for a free loopback TCP port; `wait_port` polls until
-something accepts there; `group_members`, `cpu_seconds_tree` and `memory_kb` read Linux /proc.
+something accepts there; `group_members`, `cpu_seconds_tree` and `memory_kb` read Linux /proc;
+`die_with_parent` (a Popen preexec_fn) makes a child get SIGTERM when the bench dies, so an
+interrupted run leaves no server behind.
 Contract: loopback only; read-only on /proc. Exposure: bench-only. Failure: `wait_port` raises
 TimeoutError (or RuntimeError when the process it waits for exits first).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 _TICKS = os.sysconf("SC_CLK_TCK")
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In the child between fork and exec: ask Linux for SIGTERM when the parent thread exits."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

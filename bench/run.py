@@ -43,7 +43,7 @@ class Plan:
     throughput: int = 5000
     sessions: int = 20
     size: int = 5120
-    idle: int = 8  # success + detour pairs per round, each after `idle_gap` seconds of quiet
+    idle: int = 5  # success + detour pairs per round, each after `idle_gap` seconds of quiet
     idle_gap: float = 3.0
     memory: int = 100_000  # 0: skip the deferred-queue run
     memory_size: int = 1024

@@ -29,6 +29,7 @@ from typing import Protocol
 
 from bench.client import bench_message, send_one
 from bench.observe import Boxes, Sink
+from bench.proc import die_with_parent
 
 PUBLIC = "ituki@example.com"
 PC = "ituki@pc.example.net"
@@ -87,8 +88,14 @@ async def smtp_source(port: int, *, messages: int, sessions: int, size: int,
     proc = await asyncio.create_subprocess_exec(
         program, "-4", "-d", "-s", str(sessions), "-m", str(messages), "-l", str(size),
         "-f", "alice@sender.example", "-t", rcpt, "-M", "client.bench.test", "-S", "bench load",
-        f"127.0.0.1:{port}", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    out, _ = await proc.communicate()
+        f"127.0.0.1:{port}", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        preexec_fn=die_with_parent)
+    try:
+        out, _ = await proc.communicate()
+    except asyncio.CancelledError:
+        proc.kill()
+        await proc.wait()
+        raise
     if proc.returncode != 0:
         raise RuntimeError(f"smtp-source exited with {proc.returncode}: {out.decode(errors='replace')[-2000:]}")
 

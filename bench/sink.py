@@ -7,6 +7,8 @@ message's `X-Bench-Seq:` header or `-`. The time is taken when the end of DATA i
 before the reply is sent (for 4xx at RCPT: when RCPT arrives). A message carrying
 `X-Bench-Refuse: yes` is always refused; otherwise every message whose running count k satisfies
 floor(k * share) > floor((k - 1) * share) is refused (an exact, evenly spread share).
+It advertises PIPELINING and ENHANCEDSTATUSCODES in EHLO, as Gmail's MX does (clients that
+pipeline save round trips here as they would there).
 Refusals are `552 5.7.0` at end of DATA, as Gmail refuses content; `--tempfail` answers every
 RCPT with `451 4.7.0` (a downstream that is away). Nothing is stored.
 Control on stdin, one command a line, each answered `ok` on stdout: `share X`, `tempfail 1|0`
@@ -66,6 +68,11 @@ class StandInGmail:
     def _note(self, stamp: int, seq: str, verdict: str) -> None:
         self.out.write(f"{stamp} {seq} {verdict}\n")
         self.out.flush()
+
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname  # aiosmtpd leaves this to a handle_EHLO hook
+        return responses[:1] + ["250-PIPELINING", "250-ENHANCEDSTATUSCODES"] + responses[1:]
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
                           rcpt_options: list[str]) -> str:
