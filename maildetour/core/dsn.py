@@ -73,7 +73,7 @@ def build_dsn(
     parts = [
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
         f"To: <{sender}>",
-        f"Subject: Undelivered Mail Returned to Sender",
+        "Subject: Undelivered Mail Returned to Sender",
         f"Date: {date}",
         f"Message-ID: {make_msgid(domain=hostname)}",
         "Auto-Submitted: auto-replied",

@@ -5,7 +5,10 @@ one message that share a next hop go out as one job. Agents report outcomes; `co
 decides; the decision and its events are written to the store. On start-up every queued copy is
 loaded again, so what was in flight before a crash is simply tried again (at-least-once).
 Message bytes stay in memory only while a copy of the message is due now; deferred copies
-re-read the spool when their retry comes.
+re-read the spool when their retry comes. At most MAX_PARALLEL_ATTEMPTS attempts run at once.
+With `[signing]`, SMTP copies go out through `Outgoing` (SRS, DKIM, ARC), and DSNs that come
+back to our SRS addresses are matched to their copy here (`late_bounce`). A destination's
+`skip_when` is applied before it is tried.
 """
 
 from __future__ import annotations

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import EICAR, Server, message, running_server
+from tests.harness import EICAR, message, running_server
 from tests.peers import need
-from tests.peers.postfix import PostfixPeer, running_postfix
-from tests.peers.sinks import Sink, running_sink
+from tests.peers.postfix import running_postfix
+from tests.peers.sinks import running_sink
 
 HIDDEN = "ituki-ex@gmail.com"
 PC = "ituki@pc.example.net"

@@ -32,7 +32,7 @@ def test_find_results_returns_our_header_unfolded() -> None:
 
 
 def test_find_results_ignores_other_authserv_ids_and_is_case_insensitive() -> None:
-    data = stored("mx.elsewhere.example; dmarc=pass", f"MX.Example.COM; spf=fail")
+    data = stored("mx.elsewhere.example; dmarc=pass", "MX.Example.COM; spf=fail")
     assert find_results(data, OURS) == "MX.Example.COM; spf=fail"
     assert find_results(stored("mx.elsewhere.example; dmarc=pass"), OURS) is None
     assert find_results(stored(f"{OURS}.evil.example; dmarc=pass"), OURS) is None
