@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import ssl
 import time
@@ -34,6 +35,9 @@ from maildetour.sign.dnsfunc import DnsLookup
 from maildetour.store.sqlite import SqliteStore
 
 log = logging.getLogger("maildetour")
+
+# In state_dir while `serve` runs: how `maildetour queue --flush` finds the server (SIGUSR1).
+PID_FILE = "maildetour.pid"
 
 
 def make_resolvers(config: Config) -> tuple[dns.asyncresolver.Resolver, dns.resolver.Resolver]:
@@ -143,11 +147,13 @@ class App:
             max_line_length=config.smtp.max_line_length,
         )
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        handlers = {signal.SIGTERM: self.stop, signal.SIGINT: self.stop, signal.SIGUSR1: scheduler.flush}
+        for sig, handler_func in handlers.items():
             try:
-                loop.add_signal_handler(sig, self.stop)
+                loop.add_signal_handler(sig, handler_func)
             except (NotImplementedError, RuntimeError):
                 pass  # not the main thread (tests run the app in a thread)
+        pid_file = config.server.state_dir / PID_FILE
         try:
             async with asyncio.TaskGroup() as tasks:
                 background = [tasks.create_task(store.run()), tasks.create_task(scheduler.run())]
@@ -156,6 +162,7 @@ class App:
                 log.info("maildetour ready: smtp %s%s", ", ".join(map(str, config.smtp.listen)),
                          f"; pop3 {', '.join(map(str, config.pop3.listen + config.pop3.listen_tls))}"
                          if pop3 else "")
+                pid_file.write_text(f"{os.getpid()}\n")
                 self.ready.set()
                 await self._stop.wait()
                 log.info("maildetour stopping")
@@ -167,6 +174,7 @@ class App:
                 for task in background:
                     task.cancel()
         finally:
+            pid_file.unlink(missing_ok=True)
             await smtp_agent.close()
             store.close()
 

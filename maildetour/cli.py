@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     with_config("trace", "the story of one message, by queue id or Message-ID").add_argument("id")
     queue = with_config("queue", "list queued and quarantined copies")
     queue.add_argument("--all", action="store_true", help="include finished copies of recent messages")
+    queue.add_argument("--flush", action="store_true", help="make every queued copy due now "
+                                                            "(tells a running server by SIGUSR1)")
     sub.add_parser("passwd", help="read a password and print its scrypt$ hash for password_hash")
     dkim = sub.add_parser("dkim", help="DKIM key management")
     dkim_sub = dkim.add_subparsers(dest="dkim_command", required=True)
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _route(config, args.address)
             case "trace":
                 return _with_db(config, lambda conn: report.trace(conn, args.id))
+            case "queue" if args.flush:
+                return _flush(config)
             case "queue":
                 return _with_db(config, lambda conn: report.queue(conn, include_all=args.all))
     except ConfigError as exc:
@@ -143,6 +147,43 @@ def _dkim_keygen(config: Config, bits: int) -> int:
     chunks = " ".join(f'"{record[i:i + 250]}"' for i in range(0, len(record), 250))
     print(f"publish in DNS:\n{signing.selector}._domainkey.{signing.domain}. IN TXT ( {chunks} )")
     return 0
+
+
+def _flush(config: Config) -> int:
+    """Like `postqueue -f`: a running server retries every queued copy now; with no server
+    running, the queue is marked so that everything is due at the next start."""
+    import os
+    import signal
+
+    from maildetour.app import PID_FILE
+
+    pid = _server_pid(config.server.state_dir / PID_FILE)
+    if pid is not None:
+        os.kill(pid, signal.SIGUSR1)
+        print(f"asked the server (pid {pid}) to retry every queued copy now")
+        return 0
+    if not config.queue_db.exists():
+        print("queue is empty")
+        return 0
+    conn = sqlite3.connect(config.queue_db)
+    try:
+        with conn:
+            count = conn.execute("UPDATE copies SET next_at = 0 WHERE state = 'queued'").rowcount
+    finally:
+        conn.close()
+    print(f"no server running; {count} queued copies are due at the next start")
+    return 0
+
+
+def _server_pid(pid_file: Path) -> int | None:
+    """The pid in `pid_file` if that process is a maildetour (a stale file after a crash may
+    name an unrelated process, which must not get a signal)."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if b"maildetour" in cmdline else None
 
 
 def _passwd() -> int:

@@ -78,6 +78,16 @@ class Scheduler:
     def queued(self) -> int:
         return len(self._copies)
 
+    def flush(self) -> None:
+        """Every queued copy is due now (`maildetour queue --flush`, SIGUSR1); detour deadlines
+        still count from the first failure."""
+        now = self.clock()
+        for copy in list(self._copies.values()):
+            if copy.next_at > now and copy.id not in self._busy:
+                self._schedule(replace(copy, next_at=now))
+        log.info("queue flushed: %d copies due now", len(self._copies))
+        self._wake.set()
+
     async def run(self) -> None:
         self.submit(await self.store.unfinished())
         async with asyncio.TaskGroup() as tasks:

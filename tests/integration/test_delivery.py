@@ -145,3 +145,34 @@ def _seed_with(relay: str, extra: str, delivery_extra: str = "") -> str:
     text = seed(smtp="127.0.0.1:SMTP_PORT", pop3=None, relay=relay, extra=extra,
                 delivery_extra=f'retry_first = "300ms"\n{delivery_extra}')
     return text.replace("{", "{{").replace("}", "}}").replace("SMTP_PORT", "{smtp_port}")
+
+
+def test_queue_flush_retries_deferred_copies_now(tmp_path: Path) -> None:
+    with running_sink(temp_failures=1) as gmail, \
+            running_server(tmp_path, gmail=f"{gmail.host}:{gmail.port}", detour_after="2h",
+                           delivery_extra='retry_first = "1h"') as server:
+        queue_id = server.send(message("flush me"))
+        server.wait_event(queue_id, "deferred", target="ituki-ex@gmail.com")
+        assert "queued" in server.cli("queue").stdout
+        flushed = server.cli("queue", "--flush")
+        assert flushed.returncode == 0 and "asked the server" in flushed.stdout
+        [received] = gmail.wait_for(1, timeout=15)  # not an hour later
+        assert b"Subject: flush me" in received.data
+        server.wait_event(queue_id, "delivered", target="ituki-ex@gmail.com")
+
+
+def test_queue_flush_without_a_running_server_makes_copies_due_at_the_next_start(tmp_path: Path) -> None:
+    with running_sink(temp_failures=1) as gmail:
+        with running_server(tmp_path, gmail=f"{gmail.host}:{gmail.port}", detour_after="2h",
+                            delivery_extra='retry_first = "1h"') as server:
+            queue_id = server.send(message("flush later"))
+            server.wait_event(queue_id, "deferred", target="ituki-ex@gmail.com")
+        assert not (server.state / "maildetour.pid").exists()
+        flushed = server.cli("queue", "--flush")
+        assert flushed.returncode == 0 and "1 queued copies are due at the next start" in flushed.stdout
+        server.start()
+        try:
+            [received] = gmail.wait_for(1, timeout=15)
+            assert b"Subject: flush later" in received.data
+        finally:
+            server.stop()
