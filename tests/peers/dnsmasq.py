@@ -24,7 +24,6 @@ ValueError before anything starts.
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -38,7 +37,7 @@ import dns.message
 import dns.query
 import dns.resolver
 
-from tests.peers import need
+from tests.peers import need, terminate
 from tests.peers.ports import free_udp_tcp_port
 
 _START_TIMEOUT = 10.0  # seconds until dnsmasq must answer its first query
@@ -112,13 +111,7 @@ def running_dnsmasq(
         _wait_answering(proc, host, port, out_path)
         yield DnsPeer(host=host, port=port, log_path=log_path)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, _STOP_TIMEOUT)
 
 
 def config_text(records: DnsRecords, *, host: str, port: int, log_path: Path) -> str:

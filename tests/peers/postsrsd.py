@@ -18,7 +18,6 @@ skips/fails through `peer_unavailable` with its output.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import urllib.parse
@@ -27,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.peers import need, peer_unavailable
+from tests.peers import need, peer_unavailable, terminate
 from tests.peers.ports import free_port, wait_port
 
 _STOP_TIMEOUT = 10.0
@@ -92,13 +91,7 @@ def running_postsrsd(workdir: Path, domain: str, secret_file: Path, *,
             peer_unavailable(f"postsrsd did not start: {output}")
         yield PostSrsd(host, forward_port, reverse_port, secret_file)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, _STOP_TIMEOUT)
         if proc.stdout is not None:
             proc.stdout.close()
 
