@@ -14,7 +14,7 @@ import signal
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable, TypeVar
 
 import dns.asyncresolver
 import dns.resolver
@@ -96,6 +96,20 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{table}.tls_cert", f"cannot load certificate/key: {exc}") from None
 
 
+T = TypeVar("T")
+
+
+async def _listen(config: Config, key: str, where: object, starting: Awaitable[T]) -> T:
+    """Await a listener's start; a bind failure becomes a ConfigError naming the key."""
+    from maildetour.config import ConfigError
+
+    try:
+        return await starting
+    except OSError as exc:
+        place = f" {where}" if where is not None else ""
+        raise ConfigError(key, f"cannot listen on{place}: {exc.strerror or exc}") from None
+
+
 @dataclass
 class App:
     config: Config
@@ -155,10 +169,13 @@ class App:
                 pass  # not the main thread (tests run the app in a thread)
         pid_file = config.server.state_dir / PID_FILE
         try:
+            # Listen first, outside the TaskGroup: a port in use is a one-line error, not a
+            # traceback. Sessions that arrive before the writer runs simply wait for it.
+            smtp_servers = [await _listen(config, "smtp.listen", hp, start_smtp(factory, hp.host, hp.port))
+                            for hp in config.smtp.listen]
+            pop3 = await self._start_pop3()
             async with asyncio.TaskGroup() as tasks:
                 background = [tasks.create_task(store.run()), tasks.create_task(scheduler.run())]
-                smtp_servers = [await start_smtp(factory, hp.host, hp.port) for hp in config.smtp.listen]
-                pop3 = await self._start_pop3()
                 log.info("maildetour ready: smtp %s%s", ", ".join(map(str, config.smtp.listen)),
                          f"; pop3 {', '.join(map(str, config.pop3.listen + config.pop3.listen_tls))}"
                          if pop3 else "")
@@ -186,10 +203,10 @@ class App:
             address: Pop3Account(address, self.config.mailbox_dir(address), box.password, box.password_hash)
             for address, box in self.config.mailboxes.items()
         }
-        return await start_pop3(
+        return await _listen(self.config, "pop3.listen", None, start_pop3(
             listen=[(hp.host, hp.port) for hp in pop.listen],
             listen_tls=[(hp.host, hp.port) for hp in pop.listen_tls],
             accounts=accounts, ssl_context=server_tls(pop.tls_cert, pop.tls_key),
             settings=Pop3Settings(allow_insecure_login=pop.allow_plaintext),
             hostname=self.config.server.hostname,
-        )
+        ))

@@ -55,3 +55,17 @@ def test_passwd_prints_a_scrypt_hash_that_verifies(tmp_path: Path) -> None:
     encoded = result.stdout.strip()
     assert encoded.startswith("scrypt$") and verify_password(encoded, "s3cret")
     assert not verify_password(encoded, "other")
+
+
+def test_serve_on_a_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write_config(tmp_path, f'[smtp]\nlisten = ["127.0.0.1:{port}"]\ndomains = ["example.com"]\n')
+        result = cli("serve", "--config", str(path))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"maildetour: config error: smtp.listen: cannot listen on 127.0.0.1:{port}")
+    assert "Traceback" not in result.stderr
