@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     queue.add_argument("--all", action="store_true", help="include finished copies of recent messages")
     queue.add_argument("--flush", action="store_true", help="make every queued copy due now "
                                                             "(tells a running server by SIGUSR1)")
+    queue.add_argument("--release", metavar="QUEUE_ID", help="queue a message's quarantined copies "
+                                                             "again (to their last target), then flush")
     sub.add_parser("passwd", help="read a password and print its scrypt$ hash for password_hash")
     dkim = sub.add_parser("dkim", help="DKIM key management")
     dkim_sub = dkim.add_subparsers(dest="dkim_command", required=True)
@@ -77,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _route(config, args.address)
             case "trace":
                 return _with_db(config, lambda conn: report.trace(conn, args.id))
+            case "queue" if args.release:
+                return _release(config, args.release)
             case "queue" if args.flush:
                 return _flush(config)
             case "queue":
@@ -173,6 +177,34 @@ def _flush(config: Config) -> int:
         conn.close()
     print(f"no server running; {count} queued copies are due at the next start")
     return 0
+
+
+def _release(config: Config, queue_id: str) -> int:
+    """Quarantined copies of `queue_id` go back to the queue (attempts and failure clock reset,
+    the same target: the last one of their detour chain), and the queue is flushed."""
+    import time
+
+    if not config.queue_db.exists():
+        print("maildetour: no queue yet", file=sys.stderr)
+        return 1
+    conn = sqlite3.connect(config.queue_db, timeout=10)
+    try:
+        with conn:
+            count = conn.execute(
+                "UPDATE copies SET state='queued', attempts=0, first_failure=NULL, next_at=0"
+                " WHERE queue_id=? AND state='quarantined'", (queue_id,)).rowcount
+            if count:
+                conn.execute("UPDATE messages SET finished=0 WHERE queue_id=?", (queue_id,))
+                conn.execute("INSERT INTO events (queue_id, copy_id, at, kind, target, detail)"
+                             " VALUES (?, NULL, ?, 'released', '', ?)",
+                             (queue_id, time.time(), f"{count} quarantined copies queued again by the operator"))
+    finally:
+        conn.close()
+    if not count:
+        print(f"maildetour: no quarantined copies of {queue_id}", file=sys.stderr)
+        return 1
+    print(f"released {count} copies of {queue_id}")
+    return _flush(config)
 
 
 def _server_pid(pid_file: Path) -> int | None:

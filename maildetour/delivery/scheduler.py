@@ -60,6 +60,7 @@ class Scheduler:
         self._data: dict[str, bytes] = {}
         self._wake = asyncio.Event()
         self._running = 0  # attempts in flight
+        self._flush_requested = False
 
     # --- intake -----------------------------------------------------------------------------
     def submit(self, copies: list[Copy], data: bytes | None = None) -> None:
@@ -79,14 +80,20 @@ class Scheduler:
         return len(self._copies)
 
     def flush(self) -> None:
-        """Every queued copy is due now (`maildetour queue --flush`, SIGUSR1); detour deadlines
-        still count from the first failure."""
+        """Every queued copy is due now (`maildetour queue --flush|--release`, SIGUSR1); copies
+        queued in the store meanwhile (released from quarantine) are loaded first. Detour
+        deadlines still count from the first failure."""
+        self._flush_requested = True
+        self._wake.set()
+
+    async def _flush(self) -> None:
+        self._flush_requested = False
+        self.submit(await self.store.unfinished())  # known copies are skipped
         now = self.clock()
         for copy in list(self._copies.values()):
             if copy.next_at > now and copy.id not in self._busy:
                 self._schedule(replace(copy, next_at=now))
         log.info("queue flushed: %d copies due now", len(self._copies))
-        self._wake.set()
 
     async def run(self) -> None:
         self.submit(await self.store.unfinished())
@@ -95,6 +102,8 @@ class Scheduler:
                 tasks.create_task(self._purge_loop())
             while True:
                 self._wake.clear()
+                if self._flush_requested:
+                    await self._flush()
                 # Dispatch no more than there are free slots: a drained backlog of 100,000 due
                 # copies must not become 100,000 waiting tasks (memory); the rest stay in the
                 # heap and go out as attempts finish (each one wakes this loop).

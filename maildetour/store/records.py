@@ -25,6 +25,7 @@ EventKind = Literal[
     "failed",  # permanent failure nobody may be told about (a DSN that failed)
     "alert",  # something the operator should fix (e.g. the target mailbox does not exist)
     "late-bounce",  # a DSN to our SRS address, matched to the copy it reports on
+    "released",  # the operator queued quarantined copies again (`maildetour queue --release`)
 ]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from tests.configs import seed
 from tests.harness import message, running_server
 from tests.peers.dnsmasq import DnsRecords, running_dnsmasq
+from tests.peers.ports import free_port
 from tests.peers.sinks import running_sink
 
 DETOUR = "ituki@gm.example.net"
@@ -176,3 +177,23 @@ def test_queue_flush_without_a_running_server_makes_copies_due_at_the_next_start
             assert b"Subject: flush later" in received.data
         finally:
             server.stop()
+
+
+def test_a_quarantined_copy_can_be_released_once_the_cause_is_fixed(tmp_path: Path) -> None:
+    # The hidden destination is down and its detour target (an SMTP host) refuses: quarantine.
+    port = free_port("127.0.0.3")
+    text = _seed_with(f'"gmail.com" = "127.0.0.2:9", "backup.example" = "127.0.0.3:{port}"', "") \
+        .replace('detour       = "ituki@gm.example.net"', 'detour       = "box@backup.example"')
+    with running_server(tmp_path, text) as server:
+        with running_sink(host="127.0.0.3", port=port, refuse=lambda data: "554 5.7.1 not today"):
+            queue_id = server.send(message("held"))
+            server.wait_event(queue_id, "quarantined", target="box@backup.example")
+        assert server.cli("queue", "--release", "NOSUCH").returncode == 1
+        # The operator gets the backup host fixed, then releases the message.
+        with running_sink(host="127.0.0.3", port=port) as backup:
+            released = server.cli("queue", "--release", queue_id)
+            assert released.returncode == 0 and "released 1 copies" in released.stdout
+            [received] = backup.wait_for(1, timeout=15)
+            assert b"Subject: held" in received.data
+            events = server.wait_event(queue_id, "delivered", target="box@backup.example")
+            assert "released" in [e[0] for e in events]
