@@ -42,4 +42,5 @@ def find_message_id(data: bytes) -> str:
 
 def has_bare_cr_or_lf(data: bytes) -> bool:
     """True for a CR not followed by LF or an LF not preceded by CR (SMTP smuggling)."""
-    return data.count(b"\r") != data.count(b"\r\n") or data.count(b"\n") != data.count(b"\r\n")
+    pairs = data.count(b"\r\n")
+    return data.count(b"\r") != pairs or data.count(b"\n") != pairs

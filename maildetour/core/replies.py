@@ -18,7 +18,6 @@ class Reply:
         return f"{self.code} {self.text}"
 
 
-OK = Reply(250, "2.0.0 OK")
 SENDER_OK = Reply(250, "2.1.0 Sender OK")
 RECIPIENT_OK = Reply(250, "2.1.5 Recipient OK")
 UNKNOWN_USER = Reply(550, "5.1.1 Recipient address rejected: user unknown")
@@ -35,7 +34,6 @@ TOO_BIG = Reply(552, "5.3.4 Message size exceeds the fixed limit")
 LINE_TOO_LONG = Reply(500, "5.5.2 Line too long")
 INTERNAL_ERROR = Reply(451, "4.3.0 Internal error, please try again later")
 TOO_MANY_SESSIONS = Reply(421, "4.7.0 Too many connections, please try again later")
-TIMEOUT = Reply(421, "4.4.2 Timeout, closing connection")
 
 
 def queued(queue_id: str) -> Reply:

@@ -75,10 +75,6 @@ class Scheduler:
                 self._data[copy.queue_id] = data
         self._wake.set()
 
-    @property
-    def queued(self) -> int:
-        return len(self._copies)
-
     def flush(self) -> None:
         """Every queued copy is due now (`maildetour queue --flush|--release`, SIGUSR1); copies
         queued in the store meanwhile (released from quarantine) are loaded first. Detour

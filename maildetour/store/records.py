@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 CopyState = Literal["queued", "delivered", "bounced", "failed", "quarantined"]
-FINAL_STATES: frozenset[str] = frozenset({"delivered", "bounced", "failed", "quarantined"})
 
 EventKind = Literal[
     "accepted",  # message committed; detail: sender, client, size
