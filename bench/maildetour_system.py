@@ -1,12 +1,13 @@
 """maildetour under test: the DESIGN.md seed config on loopback ports, run as `maildetour serve`.
 
 What it does: `MaildetourSystem(workdir, port, pop3_port, gmail).start()` writes
-`workdir/maildetour.toml` (the seed example: example.com forwarded to the PC mailbox and to the
-hidden gmail address, which detours to the gm.example.net mailbox; gmail.com relayed to the
-stand-in gmail) and runs `python -m maildetour.cli serve --config ...` as a child process.
-`overrides` adds [delivery] keys (the memory run lengthens retries); `flush()` is the
-memory run's stand-in for a queue-flush command maildetour does not have yet (see
-docs/benchmarks.md): with the server stopped, it makes every queued copy due now.
+`workdir/maildetour.toml` (the seed example, `maildetour/seed.toml`: example.com forwarded to
+the PC mailbox and to the hidden gmail address, which detours to the gm.example.net mailbox;
+gmail.com relayed to the stand-in gmail) and runs `python -m maildetour.cli serve --config ...`
+as a child process. `delivery_extra` adds [delivery] keys (the memory run lengthens retries);
+`flush()`, with the server stopped, makes every queued copy due now — what `maildetour queue
+--flush` does with no server running, done here in SQL so that an older checkout run with
+`--maildetour-src` is flushed the same way.
 
 Contract: loopback only; DNS goes to a dead loopback port (nothing may ask a real resolver);
 stops its child by PID (SIGTERM, then SIGKILL after 20 s). Exposure: bench-only.
@@ -25,41 +26,28 @@ from pathlib import Path
 
 from bench.proc import cpu_seconds_tree, die_with_parent, memory_kb, wait_port
 
+# The seed config of the repository (the one the README shows and the tests run). It is read
+# as a file, not imported: `--maildetour-src` may run another checkout's package.
+SEED_FILE = Path(__file__).resolve().parents[1] / "maildetour" / "seed.toml"
+
 
 def seed_config(*, smtp_port: int, pop3_port: int, gmail: tuple[str, int], delivery_extra: str = "",
                 detour_after: str = "10m") -> str:
-    return f"""\
-[server]
-hostname  = "mx.example.com"
-state_dir = "var"
-
-[smtp]
-listen  = ["127.0.0.1:{smtp_port}"]
-domains = ["example.com"]
-max_message_size = "25MB"
-
-[pop3]
-listen = ["127.0.0.1:{pop3_port}"]
-
-[delivery]
-relay = {{ "gmail.com" = "{gmail[0]}:{gmail[1]}" }}
-dns_servers = ["127.0.0.1:9"]
-{delivery_extra}
-
-[mailbox."ituki@pc.example.net"]
-password = "change-me"
-
-[mailbox."ituki@gm.example.net"]
-password = "change-me-too"
-
-[forward."ituki@example.com"]
-to = ["ituki@pc.example.net", "ituki-ex@gmail.com"]
-
-[destination."ituki-ex@gmail.com"]
-hidden       = true
-detour       = "ituki@gm.example.net"
-detour_after = "{detour_after}"
-"""
+    """The seed file with this run's ports, stand-in gmail and [delivery] additions (DNS goes
+    to a dead loopback port: nothing may ask a real resolver)."""
+    text = SEED_FILE.read_text(encoding="utf-8")
+    changes = (
+        ('"127.0.0.1:2525"', f'"127.0.0.1:{smtp_port}"'),
+        ('"127.0.0.1:1100"', f'"127.0.0.1:{pop3_port}"'),
+        ('"gmail.com" = "127.0.0.2:2525" }\n',
+         f'"gmail.com" = "{gmail[0]}:{gmail[1]}" }}\ndns_servers = ["127.0.0.1:9"]\n{delivery_extra}\n'),
+        ('detour_after = "10m"', f'detour_after = "{detour_after}"'),
+    )
+    for old, new in changes:
+        if old not in text:
+            raise RuntimeError(f"{SEED_FILE} has no {old.strip()} to adapt")
+        text = text.replace(old, new, 1)
+    return text
 
 
 @dataclass

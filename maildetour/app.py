@@ -1,8 +1,10 @@
 """The one place that wires things: config in, running server out.
 
-Internal. Builds the store, routing table, redactor, delivery agents, scheduler, SMTP and POP3
-listeners, and runs them in one TaskGroup on one event loop until SIGTERM/SIGINT (or until
-`stop()` is called). Passes config, clock and resolver in; no globals.
+Internal. `build` makes every part from the config — store, routing table, redactor, delivery
+agents (with the screening and signing agents in front of SMTP), scheduler, bounces, the SMTP
+session factory — and `App.run` starts the listeners and runs the parts in one TaskGroup on one
+event loop until SIGTERM/SIGINT (or `stop()`). SIGUSR1 flushes the queue, SIGUSR2 reads it
+again (`maildetour queue`). Config, clock and resolvers are passed in; no globals.
 """
 
 from __future__ import annotations
@@ -19,24 +21,28 @@ from typing import Awaitable, Callable, TypeVar
 import dns.asyncresolver
 import dns.resolver
 
+from maildetour.config import ConfigError
 from maildetour.config.model import Config
+from maildetour.core.destinations import detour_chain
 from maildetour.core.redact import Redactor
-from maildetour.core.routing import RoutingTable
+from maildetour.core.routing import Kind
+from maildetour.delivery.base import Agent
+from maildetour.delivery.bounces import DsnWriter, LateBounces
 from maildetour.delivery.local import LocalAgent
 from maildetour.delivery.nexthop import NextHopResolver
 from maildetour.delivery.scheduler import Scheduler
+from maildetour.delivery.screen import ScreeningAgent
+from maildetour.delivery.signing import SigningAgent, SigningKeys, load_keys
 from maildetour.delivery.smtp_out import SmtpAgent
-from maildetour.delivery.outgoing import Outgoing
 from maildetour.inbound.handler import Checks, Handler, InboundLimits
 from maildetour.inbound.server import SessionFactory, start_smtp
 from maildetour.pop3.server import Pop3Account, Pop3Server, start_pop3
-from maildetour.pop3.settings import Pop3Settings
-from maildetour.sign.dnsfunc import DnsLookup
 from maildetour.store.sqlite import SqliteStore
+from maildetour.verify.dnsfunc import DnsLookup
 
 log = logging.getLogger("maildetour")
 
-# In state_dir while `serve` runs: how `maildetour queue --flush` finds the server (SIGUSR1).
+# In state_dir while `serve` runs: how `maildetour queue` finds the server (SIGUSR1/SIGUSR2).
 PID_FILE = "maildetour.pid"
 
 
@@ -56,14 +62,10 @@ def make_resolvers(config: Config) -> tuple[dns.asyncresolver.Resolver, dns.reso
 
 
 def private_addresses(config: Config) -> frozenset[str]:
-    """Every forward target and configured destination: none of them may reach a sender."""
-    found: set[str] = set(config.destinations)
-    for rule in config.forwards:
-        found.update(rule.to)
-    for dest in config.destinations.values():
-        if dest.detour:
-            found.add(dest.detour)
-    return frozenset(found)
+    """Every forward target and configured destination, and every step of their detour
+    chains: none of them may reach a sender."""
+    starts = set(config.destinations) | {target for rule in config.forwards for target in rule.to}
+    return frozenset(step for start in starts for step in detour_chain(config.destinations, start).steps)
 
 
 def server_tls(cert: object, key: object) -> ssl.SSLContext | None:
@@ -74,20 +76,23 @@ def server_tls(cert: object, key: object) -> ssl.SSLContext | None:
     return context
 
 
+def signing_keys(config: Config) -> SigningKeys | None:
+    """The [signing] files read; a problem with them is a ConfigError naming the key."""
+    signing = config.signing
+    if signing is None:
+        return None
+    try:
+        return load_keys(signing)
+    except OSError as exc:
+        which = "srs_secret_file" if exc.filename == str(signing.srs_secret_file) else "dkim_key"
+        raise ConfigError(f"signing.{which}", f"{exc.filename}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError("signing", str(exc)) from None
+
+
 def validate(config: Config) -> None:
     """What only reading the files can tell: keys, secrets, certificates. Raises ConfigError."""
-    from maildetour.config import ConfigError
-
-    if config.signing is not None:
-        signing = config.signing
-        try:
-            Outgoing.from_config(signing, authserv_id=config.checks.authserv_id,
-                                 dnsfunc=DnsLookup(dns.resolver.Resolver(configure=False)), clock=time.time)
-        except OSError as exc:
-            which = "srs_secret_file" if exc.filename == str(signing.srs_secret_file) else "dkim_key"
-            raise ConfigError(f"signing.{which}", f"{exc.filename}: {exc.strerror}") from None
-        except ValueError as exc:
-            raise ConfigError("signing", str(exc)) from None
+    signing_keys(config)
     for table, cert, tls_key in (("smtp", config.smtp.tls_cert, config.smtp.tls_key),
                                  ("pop3", config.pop3.tls_cert, config.pop3.tls_key)):
         try:
@@ -96,13 +101,65 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{table}.tls_cert", f"cannot load certificate/key: {exc}") from None
 
 
+@dataclass
+class Parts:
+    """Everything `build` made, for `App.run` to start and stop."""
+
+    store: SqliteStore
+    agents: dict[Kind, Agent]
+    scheduler: Scheduler
+    late_bounces: LateBounces
+    sessions: SessionFactory
+
+
+def build(config: Config, clock: Callable[[], float]) -> Parts:
+    config.server.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    delivery = config.delivery
+    table = config.routing_table()
+    async_resolver, sync_resolver = make_resolvers(config)
+    authserv_id = config.checks.authserv_id
+    keys = signing_keys(config)
+    checks = Checks(authserv_id, sync_resolver, config.checks.timeout) if config.checks.inbound else None
+    store = SqliteStore(config.queue_db, config.spool_dir, config.audit_log,
+                        cache_bytes=delivery.message_cache, cache_seconds=delivery.message_cache_seconds)
+    store.recover()
+    smtp: Agent = SmtpAgent(
+        local_hostname=config.server.hostname,
+        nexthop=NextHopResolver(async_resolver, relay=delivery.relay, port=delivery.smtp_port),
+        settings=delivery)
+    if keys is not None:
+        smtp = SigningAgent(smtp, keys=keys, authserv_id=authserv_id, clock=clock,
+                            dnsfunc=DnsLookup(sync_resolver, timeout=config.checks.timeout))
+    if checks is not None and any(d.skip_when for d in config.destinations.values()):
+        smtp = ScreeningAgent(smtp, destinations=table.destinations, authserv_id=authserv_id)
+    agents: dict[Kind, Agent] = {"smtp": smtp, "local": LocalAgent(config.mailbox_dir)}
+    dsn = DsnWriter(store=store, hostname=config.server.hostname, redactor=Redactor(private_addresses(config)))
+    scheduler = Scheduler(store=store, table=table, agents=agents, retry=delivery.retry,
+                          max_parallel=delivery.max_parallel_attempts, dsn=dsn, clock=clock,
+                          keep_for=delivery.late_bounce_window if keys is not None else None)
+    late_bounces = LateBounces(store=store, hostname=config.server.hostname, report=scheduler.report,
+                               purge_interval=delivery.purge_interval, clock=clock)
+    handler = Handler(
+        table=table, store=store, hostname=config.server.hostname,
+        limits=InboundLimits(config.smtp.max_recipients, config.smtp.max_received),
+        on_accepted=scheduler.submit, clock=clock, checks=checks,
+        srs=keys.srs if keys is not None else None, on_late_bounce=late_bounces.receive,
+        authserv_id=authserv_id if keys is not None else None,
+    )
+    sessions = SessionFactory(
+        handler, hostname=config.server.hostname, max_sessions=config.smtp.max_sessions,
+        max_message_size=config.smtp.max_message_size, command_timeout=config.smtp.command_timeout,
+        data_timeout=config.smtp.data_timeout, tls=server_tls(config.smtp.tls_cert, config.smtp.tls_key),
+        max_line_length=config.smtp.max_line_length,
+    )
+    return Parts(store, agents, scheduler, late_bounces, sessions)
+
+
 T = TypeVar("T")
 
 
-async def _listen(config: Config, key: str, where: object, starting: Awaitable[T]) -> T:
+async def _listen(key: str, where: object, starting: Awaitable[T]) -> T:
     """Await a listener's start; a bind failure becomes a ConfigError naming the key."""
-    from maildetour.config import ConfigError
-
     try:
         return await starting
     except OSError as exc:
@@ -122,60 +179,19 @@ class App:
 
     async def run(self) -> None:
         config = self.config
-        config.server.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        table = RoutingTable.from_config(config)
-        async_resolver, sync_resolver = make_resolvers(config)
-        authserv_id = config.checks.authserv_id
-        outgoing = None if config.signing is None else Outgoing.from_config(
-            config.signing, authserv_id=authserv_id, dnsfunc=DnsLookup(sync_resolver), clock=self.clock)
-        checks = Checks(authserv_id, sync_resolver, config.checks.timeout) if config.checks.inbound else None
-        store = SqliteStore(config.queue_db, config.spool_dir, config.audit_log)
-        smtp_agent = SmtpAgent(
-            local_hostname=config.server.hostname,
-            nexthop=NextHopResolver(async_resolver, relay={
-                domain: (hp.host, hp.port) for domain, hp in config.delivery.relay.items()},
-                port=config.delivery.smtp_port),
-            connect_timeout=config.delivery.connect_timeout,
-            command_timeout=config.delivery.command_timeout,
-            data_timeout=config.delivery.data_timeout,
-            tls=config.delivery.tls,  # type: ignore[arg-type]
-            max_connections_per_host=config.delivery.max_connections_per_host,
-        )
-        scheduler = Scheduler(
-            store=store, table=table, agents={"smtp": smtp_agent, "local": LocalAgent(config.mailbox_dir)},
-            delivery=config.delivery, hostname=config.server.hostname,
-            redactor=Redactor(private_addresses(config)), clock=self.clock,
-            outgoing=outgoing, authserv_id=authserv_id if checks is not None else None,
-        )
-        handler = Handler(
-            table=table, store=store, hostname=config.server.hostname,
-            limits=InboundLimits(config.smtp.max_recipients, config.smtp.max_received),
-            on_accepted=scheduler.submit, clock=self.clock, checks=checks,
-            srs=outgoing.srs if outgoing is not None else None, on_late_bounce=scheduler.late_bounce,
-            authserv_id=authserv_id if outgoing is not None else None,
-        )
-        factory = SessionFactory(
-            handler, hostname=config.server.hostname, max_sessions=config.smtp.max_sessions,
-            max_message_size=config.smtp.max_message_size, command_timeout=config.smtp.command_timeout,
-            data_timeout=config.smtp.data_timeout, tls=server_tls(config.smtp.tls_cert, config.smtp.tls_key),
-            max_line_length=config.smtp.max_line_length,
-        )
-        loop = asyncio.get_running_loop()
-        handlers = {signal.SIGTERM: self.stop, signal.SIGINT: self.stop, signal.SIGUSR1: scheduler.flush}
-        for sig, handler_func in handlers.items():
-            try:
-                loop.add_signal_handler(sig, handler_func)
-            except (NotImplementedError, RuntimeError):
-                pass  # not the main thread (tests run the app in a thread)
+        parts = build(config, self.clock)
+        self._handle_signals(parts.scheduler)
         pid_file = config.server.state_dir / PID_FILE
         try:
             # Listen first, outside the TaskGroup: a port in use is a one-line error, not a
             # traceback. Sessions that arrive before the writer runs simply wait for it.
-            smtp_servers = [await _listen(config, "smtp.listen", hp, start_smtp(factory, hp.host, hp.port))
+            smtp_servers = [await _listen("smtp.listen", hp, start_smtp(parts.sessions, hp.host, hp.port))
                             for hp in config.smtp.listen]
             pop3 = await self._start_pop3()
             async with asyncio.TaskGroup() as tasks:
-                background = [tasks.create_task(store.run()), tasks.create_task(scheduler.run())]
+                background = [tasks.create_task(parts.store.run()), tasks.create_task(parts.scheduler.run())]
+                if parts.scheduler.keep_for is not None:
+                    background.append(tasks.create_task(parts.late_bounces.run()))
                 log.info("maildetour ready: smtp %s%s", ", ".join(map(str, config.smtp.listen)),
                          f"; pop3 {', '.join(map(str, config.pop3.listen + config.pop3.listen_tls))}"
                          if pop3 else "")
@@ -192,8 +208,18 @@ class App:
                     task.cancel()
         finally:
             pid_file.unlink(missing_ok=True)
-            await smtp_agent.close()
-            store.close()
+            await asyncio.gather(*(agent.close() for agent in parts.agents.values()))
+            parts.store.close()
+
+    def _handle_signals(self, scheduler: Scheduler) -> None:
+        loop = asyncio.get_running_loop()
+        handlers = {signal.SIGTERM: self.stop, signal.SIGINT: self.stop,
+                    signal.SIGUSR1: scheduler.flush, signal.SIGUSR2: scheduler.reload}
+        for sig, handler in handlers.items():
+            try:
+                loop.add_signal_handler(sig, handler)
+            except (NotImplementedError, RuntimeError):
+                pass  # not the main thread (tests run the app in a thread)
 
     async def _start_pop3(self) -> Pop3Server | None:
         pop = self.config.pop3
@@ -203,10 +229,9 @@ class App:
             address: Pop3Account(address, self.config.mailbox_dir(address), box.password, box.password_hash)
             for address, box in self.config.mailboxes.items()
         }
-        return await _listen(self.config, "pop3.listen", None, start_pop3(
+        return await _listen("pop3.listen", None, start_pop3(
             listen=[(hp.host, hp.port) for hp in pop.listen],
             listen_tls=[(hp.host, hp.port) for hp in pop.listen_tls],
             accounts=accounts, ssl_context=server_tls(pop.tls_cert, pop.tls_key),
-            settings=Pop3Settings(allow_insecure_login=pop.allow_plaintext),
-            hostname=self.config.server.hostname,
+            settings=pop.settings, hostname=self.config.server.hostname,
         ))

@@ -1,9 +1,10 @@
 """`maildetour demo`: the seed scenario on loopback, in one command.
 
-Writes `<dir>/maildetour.toml` (the DESIGN.md seed config, adapted to loopback) if it is not
-there, then runs maildetour together with a stand-in "gmail" on 127.0.0.2:2526 that refuses
-any message containing the EICAR test string (552 5.7.0, as Gmail refuses viruses) and keeps
-the rest in `<dir>/standin-gmail/` (a Maildir). For trying things out, never for production.
+Writes `<dir>/maildetour.toml` (the seed config, `seed.toml`, relaying gmail.com to the
+stand-in) if it is not there, then runs maildetour together with a stand-in "gmail" on
+127.0.0.2:2526 that refuses any message containing the EICAR test string (552 5.7.0, as Gmail
+refuses viruses) and keeps the rest in `<dir>/standin-gmail/` (a Maildir). For trying things
+out, never for production.
 """
 
 from __future__ import annotations
@@ -18,45 +19,23 @@ from aiosmtpd.smtp import SMTP
 
 from maildetour.config import load_config
 from maildetour.mailbox import maildir
+from maildetour.seed import adapt, seed_text
 
 STANDIN = ("127.0.0.2", 2526)
 EICAR_MARK = b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE"
 
-DEMO_CONFIG = f"""\
-# The seed's setup (../shared/DESIGN.md), on loopback. Try:
+# The demo's own lines on top of the seed config.
+DEMO_NOTE = """\
+# The seed's setup (DESIGN.md) on loopback, written by `maildetour demo`. Try:
 #   swaks --server 127.0.0.1:2525 --from a@sender.example --to ituki@example.com
-#   maildetour trace --config {{dir}}/maildetour.toml QUEUE-ID
-[server]
-hostname  = "mx.example.com"
-state_dir = "var"
-
-[smtp]
-listen  = ["127.0.0.1:2525"]
-domains = ["example.com"]
-max_message_size = "25MB"
-
-[pop3]
-listen = ["127.0.0.1:1100"]
-
-[delivery]
-relay = {{ "gmail.com" = "{STANDIN[0]}:{STANDIN[1]}" }}
-# No DNS server on loopback in the demo: mail for other domains waits in the queue.
-dns_servers = ["127.0.0.1:5399"]
-
-[mailbox."ituki@pc.example.net"]
-password = "change-me"
-
-[mailbox."ituki@gm.example.net"]
-password = "change-me-too"
-
-[forward."ituki@example.com"]
-to = ["ituki@pc.example.net", "ituki-ex@gmail.com"]
-
-[destination."ituki-ex@gmail.com"]
-hidden       = true
-detour       = "ituki@gm.example.net"
-detour_after = "10m"
+#   maildetour trace --config {config} QUEUE-ID
 """
+DEMO_DELIVERY = 'dns_servers = ["127.0.0.1:5399"]   # no DNS in the demo: other domains just wait'
+
+
+def demo_config(config_path: Path) -> str:
+    return DEMO_NOTE.replace("{config}", str(config_path)) + adapt(
+        seed_text(), relay=f'"gmail.com" = "{STANDIN[0]}:{STANDIN[1]}"', delivery_extra=DEMO_DELIVERY)
 
 
 class StandInGmail:
@@ -89,7 +68,7 @@ def run_demo(directory: Path) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     config_path = directory / "maildetour.toml"
     if not config_path.exists():
-        config_path.write_text(DEMO_CONFIG.replace("{dir}", str(directory)), encoding="utf-8")
+        config_path.write_text(demo_config(config_path), encoding="utf-8")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mail.log").setLevel(logging.WARNING)

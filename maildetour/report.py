@@ -1,21 +1,19 @@
 """Text for operators: the routing table (`check`), one address (`route`), one message's
 story (`trace`) and the queue (`queue`).
 
-Pure apart from reading the queue database handed in. Operator-facing only: it shows hidden
-addresses, because the operator configured them; nothing here is sent to a sender.
+Pure: values in (from the config, the routing table and the store), text out. Operator-facing
+only: it shows hidden addresses, because the operator configured them; nothing here is sent
+to a sender.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Sequence
 
 from maildetour.config.model import Config
 from maildetour.core.routing import Accept, Route, RoutingTable
-from maildetour.store.sqlite import read_story
-
-Show = Callable[[sqlite3.Connection], tuple[str, bool]]
+from maildetour.store.records import Copy, Story
 
 
 def _when(at: float) -> str:
@@ -40,7 +38,7 @@ def describe_target(table: RoutingTable, target: str) -> str:
 
 
 def routing_table(config: Config) -> str:
-    table = RoutingTable.from_config(config)
+    table = config.routing_table()
     lines = [f"config {config.path}: OK", f"hostname  {config.server.hostname}",
              f"state dir {config.server.state_dir}",
              f"domains   {', '.join(sorted(table.domains)) or '(none)'}", "", "mailboxes:"]
@@ -70,10 +68,7 @@ def route_story(table: RoutingTable, found: Route) -> str:
     return f"refused at RCPT with \"{found.reply}\" ({found.why})"
 
 
-def trace(conn: sqlite3.Connection, key: str) -> tuple[str, bool]:
-    story = read_story(conn, key)
-    if story is None:
-        return f"no message with queue id or Message-ID {key!r}", False
+def trace(story: Story) -> str:
     m = story.message
     lines = [f"message {m.queue_id}  received {_when(m.received_at)}",
              f"  from <{m.mail_from}>  client {m.client}  size {m.size}",
@@ -86,19 +81,15 @@ def trace(conn: sqlite3.Connection, key: str) -> tuple[str, bool]:
     for e in story.events:
         copy = f"#{e.copy_id} " if e.copy_id is not None else ""
         lines.append(f"  {_when(e.at)} {copy}{e.kind:<11} {e.target}  {e.detail}")
-    return "\n".join(lines), True
+    return "\n".join(lines)
 
 
-def queue(conn: sqlite3.Connection, *, include_all: bool) -> tuple[str, bool]:
-    where = "" if include_all else "WHERE c.state IN ('queued', 'quarantined')"
-    rows = conn.execute(
-        "SELECT c.queue_id, c.id, c.state, c.target, c.attempts, c.next_at, m.mail_from"
-        f" FROM copies c JOIN messages m USING (queue_id) {where} ORDER BY c.queue_id, c.id"
-        " LIMIT 10000").fetchall()
-    if not rows:
-        return "queue is empty", True
-    lines = [f"{'queue id':<17} {'copy':>6} {'state':<11} {'tries':>5}  next attempt              target  (sender)"]
-    for qid, cid, state, target, attempts, next_at, sender in rows:
-        nxt = _when(next_at) if state == "queued" else "-"
-        lines.append(f"{qid:<17} {cid:>6} {state:<11} {attempts:>5}  {nxt:<25} {target}  (<{sender}>)")
-    return "\n".join(lines), True
+def queue(copies: Sequence[Copy]) -> str:
+    if not copies:
+        return "queue is empty"
+    lines = [f"{'queue id':<17} {'copy':>6} {'state':<11} {'tries':>5}  {'next attempt':<25} target  (sender)"]
+    for c in copies:
+        nxt = _when(c.next_at) if c.state == "queued" else "-"
+        lines.append(f"{c.queue_id:<17} {c.id:>6} {c.state:<11} {c.attempts:>5}  {nxt:<25} "
+                     f"{c.target}  (<{c.mail_from}>)")
+    return "\n".join(lines)

@@ -8,14 +8,14 @@ from typing import Callable, Mapping, Sequence
 
 from maildetour.core.outcome import Outcome
 from maildetour.delivery.base import Job
-from maildetour.store.records import Copy, Event, MessageInfo, NewCopy, NewMessage, Story
+from maildetour.store.records import Copy, CopyState, Event, Message, NewCopy, Story
 
 
 class MemoryStore:
     """Implements `store.base.Store` in memory; `fail_accept` makes `accept` raise."""
 
     def __init__(self) -> None:
-        self.messages: dict[str, tuple[NewMessage, bytes]] = {}
+        self.messages: dict[str, tuple[Message, bytes]] = {}
         self.copies: dict[int, Copy] = {}
         self.events: list[Event] = []
         self.finished: list[str] = []
@@ -23,11 +23,12 @@ class MemoryStore:
         self.fail_accept: Exception | None = None
         self._next = 1
 
-    async def accept(self, message: NewMessage, data: bytes, copies: Sequence[NewCopy],
+    async def accept(self, message: Message, data: bytes, copies: Sequence[NewCopy],
                      events: Sequence[Event]) -> list[Copy]:
         if self.fail_accept is not None:
             raise self.fail_accept
         self.messages[message.queue_id] = (message, data)
+        self.events += events
         made = []
         for c in copies:
             copy = Copy(self._next, message.queue_id, message.mail_from, c.recipient, c.target,
@@ -35,13 +36,17 @@ class MemoryStore:
             self._next += 1
             self.copies[copy.id] = copy
             made.append(copy)
-        self.events += [replace(e, copy_id=made[-e.copy_id - 1].id) if e.copy_id is not None and e.copy_id < 0
-                        else e for e in events]
+            if c.state != "queued":
+                self.events.append(Event(message.received_at, message.queue_id, copy.id, c.state,  # type: ignore[arg-type]
+                                         c.target, c.why))
         return made
 
-    async def update(self, copy: Copy, events: Sequence[Event]) -> None:
-        self.copies[copy.id] = copy
+    async def update(self, copy: Copy, events: Sequence[Event]) -> bool:
         self.events += events
+        if self.copies[copy.id].state in ("held", "deleted"):
+            return False
+        self.copies[copy.id] = copy
+        return True
 
     async def unfinished(self) -> list[Copy]:
         return [c for c in self.copies.values() if c.state == "queued"]
@@ -74,10 +79,36 @@ class MemoryStore:
     async def story(self, key: str) -> Story | None:
         if key not in self.messages:
             return None
-        m, _ = self.messages[key]
-        info = MessageInfo(m.queue_id, m.mail_from, m.received_at, m.message_id, m.size, m.client)
-        return Story(info, tuple(c for c in self.copies.values() if c.queue_id == key),
+        return Story(self.messages[key][0], tuple(c for c in self.copies.values() if c.queue_id == key),
                      tuple(e for e in self.events if e.queue_id == key))
+
+    async def copies(self, states: Sequence[CopyState] | None, limit: int) -> list[Copy]:
+        found = [c for c in self.copies.values() if states is None or c.state in states]
+        return sorted(found, key=lambda c: (c.queue_id, c.id))[:limit]
+
+    async def flush(self, now: float) -> int:
+        due = [c for c in self.copies.values() if c.state == "queued"]
+        for c in due:
+            self.copies[c.id] = replace(c, next_at=now)
+        return len(due)
+
+    async def hold(self, queue_id: str, now: float) -> int:
+        return self._operator(queue_id, now, ("queued",), "held", "held")
+
+    async def release(self, queue_id: str, now: float) -> int:
+        return self._operator(queue_id, now, ("held", "quarantined"), "queued", "released")
+
+    async def delete(self, queue_id: str, now: float) -> int:
+        return self._operator(queue_id, now, ("queued", "held", "quarantined"), "deleted", "deleted")
+
+    def _operator(self, queue_id: str, now: float, from_states: tuple[CopyState, ...], state: CopyState,
+                  kind: str) -> int:
+        chosen = [c for c in self.copies.values() if c.queue_id == queue_id and c.state in from_states]
+        for c in chosen:
+            self.copies[c.id] = replace(c, state=state, attempts=0, first_failure=None, next_at=now)
+        if chosen:
+            self.events.append(Event(now, queue_id, None, kind, "", f"{len(chosen)} copies"))  # type: ignore[arg-type]
+        return len(chosen)
 
     async def run(self) -> None:
         await asyncio.Event().wait()
@@ -90,12 +121,16 @@ class MemoryStore:
 
 
 class ScriptedAgent:
-    """Implements `delivery.base.Agent`: `script(recipient, attempt_number)` gives the outcome."""
+    """Implements `delivery.base.Agent`: `script(recipient, attempt_number)` gives the outcome;
+    copies to one domain share a job (as SMTP's do)."""
 
     def __init__(self, script: Callable[[str, int], Outcome]) -> None:
         self.script = script
         self.jobs: list[Job] = []
         self.tries: dict[str, int] = {}
+
+    def batch_key(self, target: str) -> str:
+        return target.rpartition("@")[2].lower()
 
     async def deliver(self, job: Job) -> Mapping[str, Outcome]:
         self.jobs.append(job)

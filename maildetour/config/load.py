@@ -12,28 +12,31 @@ from pathlib import Path
 from typing import Any, Callable
 
 from maildetour.config.model import (
-    SKIP_CONDITIONS,
+    DEFAULT_DETOUR_AFTER,
     ChecksConfig,
     Config,
     DeliveryConfig,
-    Destination,
     Forward,
-    HostPort,
     Mailbox,
     Pop3Config,
+    Pop3Settings,
     ServerConfig,
     SigningConfig,
     SmtpConfig,
 )
 from maildetour.config.reader import (
     ConfigError,
-    _address,
-    _Table,
+    Table,
+    address_key,
     parse_duration,
     parse_hostport,
     parse_size,
 )
-from maildetour.core.address import AddressError, check_domain
+from maildetour.core.address import Address, AddressError, check_domain, parse_address
+from maildetour.core.destinations import SKIP_CONDITIONS, Destination, detour_chain
+from maildetour.core.hostport import HostPort
+from maildetour.core.routing import Accept, route
+
 
 def load_config(path: Path) -> Config:
     """Read and validate `path`. Raises ConfigError (or OSError if the file cannot be read)."""
@@ -48,7 +51,7 @@ def load_config(path: Path) -> Config:
 
 def build_config(raw: dict[str, Any], path: Path) -> Config:
     base = path.parent
-    top = _Table("", raw)
+    top = Table("", raw)
     server = _server(top.sub_table("server"), base)
     smtp = _smtp(top.sub_table("smtp"), base)
     pop3 = _pop3(top.sub_table("pop3"), base)
@@ -73,28 +76,33 @@ def _relative(base: Path) -> Callable[[str, object], Path]:
     return convert
 
 
-def _listen(t: _Table, sub: str, default: tuple[HostPort, ...]) -> tuple[HostPort, ...]:
+def _listen(t: Table, sub: str, default: tuple[HostPort, ...]) -> tuple[HostPort, ...]:
     items = t.strings(sub, None)  # type: ignore[arg-type]
     if items is None:
         return default
     return tuple(parse_hostport(f"{t.name(sub)}[{i}]", v) for i, v in enumerate(items))
 
 
-def _positive_int(t: _Table, sub: str, default: int) -> int:
+def _positive_int(t: Table, sub: str, default: int) -> int:
     value = t.get(sub, int, default)
     if value <= 0:
         raise ConfigError(t.name(sub), f"must be positive, got {value}")
     return value
 
 
-def _port(t: _Table, sub: str, default: int) -> int:
+def _size_or_zero(key: str, value: object) -> int:
+    """A size, or 0 to switch the thing off."""
+    return 0 if value == 0 or value == "0" else parse_size(key, value)
+
+
+def _port(t: Table, sub: str, default: int) -> int:
     value = t.get(sub, int, default)
     if not 0 < value < 65536:
         raise ConfigError(t.name(sub), f"not a port number: {value}")
     return value
 
 
-def _server(t: _Table, base: Path) -> ServerConfig:
+def _server(t: Table, base: Path) -> ServerConfig:
     d = ServerConfig()
     hostname = t.get("hostname", str, d.hostname)
     if isinstance(check_domain(hostname), AddressError) and hostname != "localhost":
@@ -104,7 +112,7 @@ def _server(t: _Table, base: Path) -> ServerConfig:
     return ServerConfig(hostname, state_dir)
 
 
-def _tls_pair(t: _Table, base: Path) -> tuple[Path | None, Path | None]:
+def _tls_pair(t: Table, base: Path) -> tuple[Path | None, Path | None]:
     cert = t.convert("tls_cert", _relative(base), None)
     key = t.convert("tls_key", _relative(base), None)
     if (cert is None) != (key is None):
@@ -112,7 +120,7 @@ def _tls_pair(t: _Table, base: Path) -> tuple[Path | None, Path | None]:
     return cert, key
 
 
-def _smtp(t: _Table, base: Path) -> SmtpConfig:
+def _smtp(t: Table, base: Path) -> SmtpConfig:
     d = SmtpConfig()
     domains = []
     for i, name in enumerate(t.strings("domains")):
@@ -138,7 +146,7 @@ def _smtp(t: _Table, base: Path) -> SmtpConfig:
     return config
 
 
-def _pop3(t: _Table, base: Path) -> Pop3Config:
+def _pop3(t: Table, base: Path) -> Pop3Config:
     cert, key = _tls_pair(t, base)
     listen_tls = _listen(t, "listen_tls", ())
     if listen_tls and cert is None:
@@ -148,13 +156,13 @@ def _pop3(t: _Table, base: Path) -> Pop3Config:
         listen_tls=listen_tls,
         tls_cert=cert,
         tls_key=key,
-        allow_plaintext=t.get("allow_plaintext", bool, False),
+        settings=Pop3Settings(allow_insecure_login=t.get("allow_plaintext", bool, False)),
     )
     t.finish()
     return config
 
 
-def _delivery(t: _Table) -> DeliveryConfig:
+def _delivery(t: Table) -> DeliveryConfig:
     d = DeliveryConfig()
     relay_table = t.sub_table("relay")
     relay: dict[str, HostPort] = {}
@@ -180,12 +188,16 @@ def _delivery(t: _Table) -> DeliveryConfig:
         max_lifetime=t.convert("max_lifetime", parse_duration, d.max_lifetime),
         tls=tls,
         late_bounce_window=t.convert("late_bounce_window", parse_duration, d.late_bounce_window),
+        max_parallel_attempts=_positive_int(t, "max_parallel_attempts", d.max_parallel_attempts),
+        connection_idle_timeout=t.convert("connection_idle_timeout", parse_duration,
+                                          d.connection_idle_timeout),
+        message_cache=t.convert("message_cache", _size_or_zero, d.message_cache),
     )
     t.finish()
     return config
 
 
-def _signing(top: _Table, base: Path) -> SigningConfig | None:
+def _signing(top: Table, base: Path) -> SigningConfig | None:
     if "signing" not in top.data:
         top.used.add("signing")
         return None
@@ -215,7 +227,7 @@ def _signing(top: _Table, base: Path) -> SigningConfig | None:
     return config
 
 
-def _checks(t: _Table, hostname: str, signing: bool) -> ChecksConfig:
+def _checks(t: Table, hostname: str, signing: bool) -> ChecksConfig:
     config = ChecksConfig(
         inbound=t.get("inbound", bool, signing),
         authserv_id=t.get("authserv_id", str, hostname) or hostname,
@@ -225,11 +237,11 @@ def _checks(t: _Table, hostname: str, signing: bool) -> ChecksConfig:
     return config
 
 
-def _mailboxes(t: _Table) -> dict[str, Mailbox]:
+def _mailboxes(t: Table) -> dict[str, Mailbox]:
     result: dict[str, Mailbox] = {}
     for name in list(t.data):
         box = t.sub_table(name)
-        address = _address(t.name(name), name)
+        address = address_key(t.name(name), name)
         password = box.get("password", str, None)
         password_hash = box.get("password_hash", str, None)
         if password is not None and password_hash is not None:
@@ -243,7 +255,7 @@ def _mailboxes(t: _Table) -> dict[str, Mailbox]:
     return result
 
 
-def _forwards(t: _Table) -> tuple[Forward, ...]:
+def _forwards(t: Table) -> tuple[Forward, ...]:
     result: list[Forward] = []
     seen: set[str] = set()
     for name in list(t.data):
@@ -255,11 +267,11 @@ def _forwards(t: _Table) -> tuple[Forward, ...]:
                 raise ConfigError(key, f"catch-all {name!r}: {checked.reason}")
             pattern = "@" + checked
         else:
-            pattern = _address(key, name)
+            pattern = address_key(key, name)
         targets = rule.strings("to")
         if not targets:
             raise ConfigError(rule.name("to"), "a forward needs at least one target")
-        to = tuple(_address(f"{rule.name('to')}[{i}]", v) for i, v in enumerate(targets))
+        to = tuple(address_key(f"{rule.name('to')}[{i}]", v) for i, v in enumerate(targets))
         rule.finish()
         if pattern in seen:
             raise ConfigError(key, "forward defined twice (addresses ignore case)")
@@ -268,11 +280,11 @@ def _forwards(t: _Table) -> tuple[Forward, ...]:
     return tuple(result)
 
 
-def _destinations(t: _Table) -> dict[str, Destination]:
+def _destinations(t: Table) -> dict[str, Destination]:
     result: dict[str, Destination] = {}
     for name in list(t.data):
         dest = t.sub_table(name)
-        address = _address(t.name(name), name)
+        address = address_key(t.name(name), name)
         detour = dest.get("detour", str, None)
         skip = dest.strings("skip_when")
         for i, word in enumerate(skip):
@@ -282,8 +294,8 @@ def _destinations(t: _Table) -> dict[str, Destination]:
         result[address] = Destination(
             address=address,
             hidden=dest.get("hidden", bool, False),
-            detour=_address(dest.name("detour"), detour) if detour is not None else None,
-            detour_after=dest.convert("detour_after", parse_duration, Destination(address).detour_after),
+            detour=address_key(dest.name("detour"), detour) if detour is not None else None,
+            detour_after=dest.convert("detour_after", parse_duration, DEFAULT_DETOUR_AFTER),
             skip_when=skip,
         )
         dest.finish()
@@ -307,24 +319,16 @@ def _cross_check(config: Config) -> None:
         raise ConfigError("signing.domain", f"{config.signing.domain!r} must be one of smtp.domains "
                           "(late bounces come back to SRS addresses there)")
     for dest in config.destinations.values():
-        key = f'destination."{dest.address}"'
-        seen = [dest.address]
-        hop = dest.detour
-        while hop is not None:
-            if hop in seen:
-                raise ConfigError(f"{key}.detour", "detour chain loops: " + " -> ".join(seen + [hop]))
-            seen.append(hop)
-            nxt = config.destinations.get(hop)
-            hop = nxt.detour if nxt else None
+        chain = detour_chain(config.destinations, dest.address)
+        if chain.loop is not None:
+            raise ConfigError(f'destination."{dest.address}".detour',
+                              "detour chain loops: " + " -> ".join(chain.steps + (chain.loop,)))
 
 
 def _check_local_targets(config: Config) -> None:
     """A forward target at one of our own domains must lead somewhere (a mailbox or another
     rule); otherwise every copy would loop back to us and be refused."""
-    from maildetour.core.address import Address, parse_address
-    from maildetour.core.routing import Accept, RoutingTable, route
-
-    table = RoutingTable.from_config(config)
+    table = config.routing_table()
     for rule in config.forwards:
         for i, target in enumerate(rule.to):
             parsed = parse_address(target)

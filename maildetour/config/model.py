@@ -1,24 +1,26 @@
 """Typed configuration: frozen dataclasses, and every default and limit in one place.
 
-Pure. `config.load` fills these from TOML; everything else reads only these objects.
-Each limit says why it has its value.
+Pure. `config.load` fills these from TOML; everything else reads only these objects (the
+values shared with the pure core, `HostPort` and `Destination`, are defined there). Each limit
+says why it has its value. Bounds that belong to a protocol or a parser rather than to an
+operator (RFC line and address lengths, how many MX hosts we try, how big a DSN we parse) stay
+next to their code as named constants.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from maildetour.core.destinations import Destination
+from maildetour.core.hostport import HostPort
+from maildetour.core.policy import RetryRules
+from maildetour.core.routing import RoutingTable
 
 MB = 1024 * 1024
 
-
-@dataclass(frozen=True, slots=True)
-class HostPort:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+# A destination's temporary failures this long detour too (the seed's "10m").
+DEFAULT_DETOUR_AFTER = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,13 +55,59 @@ class SmtpConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Pop3Settings:
+    """Every limit and policy switch of the POP3 server; `__post_init__` rejects nonsense
+    values with ValueError naming the field."""
+
+    # RFC 2449 caps a command at 255 octets, but an AUTH PLAIN response carries a base64 user
+    # name and password; 1024 fits any sane pair and still stops junk early.
+    max_line_length: int = 1024
+    # Enough to RETR and DELE 40,000 messages in one session; stops a client that loops.
+    max_commands: int = 100_000
+    # Unknown, malformed or wrong-state commands before we hang up: clients that speak POP3 make
+    # a few mistakes at most (probing CAPA extensions); junk senders make many.
+    max_bad_commands: int = 20
+    # Failed logins in one session before we hang up (the per-address throttle is separate).
+    max_login_failures: int = 3
+    # RFC 1939 asks for an autologout timer of at least 10 minutes.
+    idle_timeout: float = 600.0
+    # Concurrent sessions over all listeners; more get "-ERR [SYS/TEMP]" and are closed.
+    max_connections: int = 100
+    # Clear-text USER/PASS and AUTH PLAIN are refused before TLS (RFC 2595), except from
+    # loopback; `[pop3] allow_plaintext = true` sets this, only behind a trusted network (e.g.
+    # a TLS-terminating proxy).
+    allow_insecure_login: bool = False
+    # Pause before answering a failed login: slows guessing within one session.
+    failed_login_delay: float = 1.0
+    # Throttle: failed logins from one client address (IPv6: its /64) within the window...
+    max_failures_per_client: int = 10
+    # ...and against one mailbox name from anywhere (higher: it also locks out the owner).
+    max_failures_per_mailbox: int = 30
+    # Sliding window for both throttles, in seconds.
+    failure_window: float = 900.0
+    # Addresses/mailboxes remembered by the throttle; the least recently failed are forgotten.
+    max_tracked_failures: int = 10_000
+    # Time allowed for a TLS handshake (implicit or after STLS).
+    tls_handshake_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, bool):
+                continue
+            if value <= 0 and item.name != "failed_login_delay" or value < 0:
+                raise ValueError(f"pop3 setting {item.name} must be positive, got {value!r}")
+        if self.max_line_length < 64:
+            raise ValueError("pop3 setting max_line_length must be at least 64")
+
+
+@dataclass(frozen=True, slots=True)
 class Pop3Config:
     listen: tuple[HostPort, ...] = ()
     listen_tls: tuple[HostPort, ...] = ()
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    # Clear-text passwords outside loopback need TLS first unless this is set.
-    allow_plaintext: bool = False
+    settings: Pop3Settings = Pop3Settings()
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +128,23 @@ class DeliveryConfig:
     # Bytes of a message delivered to a hidden destination are kept this long, so a DSN that
     # arrives later (a late bounce) can still send the copy down its detour.
     late_bounce_window: float = 3 * 86400.0
+    # How often kept bytes past their window are removed.
+    purge_interval: float = 3600.0
+    # Attempts in flight at once, over all next hops (each host also has its own limit): a
+    # drained backlog of 100,000 due copies must not become 100,000 tasks at once.
+    max_parallel_attempts: int = 200
+    # An idle SMTP connection is kept this long for the next message to the same host: enough
+    # for a burst, well under the 300 s a server waits for a command (RFC 5321 4.5.3.2.7).
+    connection_idle_timeout: float = 5.0
+    # Message bytes kept in memory between acceptance and the first attempts (and re-read
+    # ones between copies of one message): at most this many bytes, each at most
+    # `message_cache_seconds` after its last use; the rest is read from the spool again.
+    message_cache: int = 8 * MB
+    message_cache_seconds: float = 2.0
+
+    @property
+    def retry(self) -> RetryRules:
+        return RetryRules(self.retry_first, self.retry_max, self.max_lifetime)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,21 +158,6 @@ class Mailbox:
 class Forward:
     pattern: str  # "user@d", or "@d" for catch-all; lowercased
     to: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Destination:
-    address: str  # lowercased
-    hidden: bool = False
-    detour: str | None = None
-    # Temporary failures this long detour too (the seed's "10m").
-    detour_after: float = 600.0
-    # Inbound verdicts that send a copy straight down the detour without trying this
-    # destination: "spf-fail", "dkim-fail", "dmarc-fail" (see SKIP_CONDITIONS).
-    skip_when: tuple[str, ...] = ()
-
-
-SKIP_CONDITIONS = ("spf-fail", "spf-softfail", "dkim-fail", "dmarc-fail")
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,3 +207,9 @@ class Config:
 
     def mailbox_dir(self, address: str) -> Path:
         return self.server.state_dir / "mailboxes" / address.lower()
+
+    def routing_table(self) -> RoutingTable:
+        mailboxes = frozenset(self.mailboxes)
+        domains = frozenset(self.smtp.domains) | {a.split("@", 1)[1] for a in mailboxes}
+        forwards = {rule.pattern: rule.to for rule in self.forwards}
+        return RoutingTable(domains, mailboxes, forwards, dict(self.destinations))

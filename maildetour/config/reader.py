@@ -8,8 +8,8 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, TypeVar
 
-from maildetour.config.model import HostPort
 from maildetour.core.address import AddressError, parse_address
+from maildetour.core.hostport import HostPort
 
 T = TypeVar("T")
 
@@ -56,7 +56,8 @@ def parse_hostport(key: str, value: object) -> HostPort:
     raise ConfigError(key, f"expected \"host:port\", got {value!r}")
 
 
-def _address(key: str, value: object) -> str:
+def address_key(key: str, value: object) -> str:
+    """A configured address, checked and lowercased (the routing key)."""
     if not isinstance(value, str):
         raise ConfigError(key, f"expected an address string, got {value!r}")
     parsed = parse_address(value)
@@ -65,7 +66,7 @@ def _address(key: str, value: object) -> str:
     return parsed.key
 
 
-class _Table:
+class Table:
     """One TOML table being read: tracks which keys were used, rejects the rest."""
 
     def __init__(self, key: str, data: object) -> None:
@@ -101,9 +102,9 @@ class _Table:
                 raise ConfigError(f"{self.name(sub)}[{i}]", f"expected a string, got {item!r}")
         return tuple(value)
 
-    def sub_table(self, sub: str) -> "_Table":
+    def sub_table(self, sub: str) -> "Table":
         self.used.add(sub)
-        return _Table(self.name(sub), self.data.get(sub, {}))
+        return Table(self.name(sub), self.data.get(sub, {}))
 
     def finish(self) -> None:
         for extra in sorted(set(self.data) - self.used):

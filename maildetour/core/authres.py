@@ -1,8 +1,10 @@
-"""Reading our own Authentication-Results header back from a stored message.
+"""Our own Authentication-Results header: removing forged ones, reading ours back.
 
 Pure. Inbound checks put one `Authentication-Results: <authserv-id>; ...` on top of each
-message (after removing any that claimed our id). Delivery reads it back for ARC sealing and
-for a destination's `skip_when`. Only a header with our authserv-id is trusted.
+message, after `strip_our_results` removed any that claimed our id (RFC 8601 section 5: no
+sender may forge our verdicts); ARC sealing does the same on its work copy. Delivery reads
+ours back for the ARC seal and for a destination's `skip_when`. Only a header with our
+authserv-id is trusted.
 
 Even our own header carries sender-chosen text (smtp.mailfrom, smtp.helo), so a result is
 only read where RFC 8601 puts one: the leading `method=result` of each `;`-separated
@@ -83,10 +85,40 @@ def _resinfos(value: str) -> list[str]:
     return parts
 
 
-def skip_reason(skip_when: tuple[str, ...], words: dict[str, str]) -> str | None:
-    """The first `skip_when` condition ("dmarc-fail", ...) the verdicts meet, if any."""
-    for condition in skip_when:
-        method, _, result = condition.partition("-")
-        if words.get(method) == result:
-            return condition
-    return None
+# -- removing forged results (RFC 8601 section 5) --------------------------------------------
+
+_AR_NAME = re.compile(rb"^authentication-results[ \t]*:", re.IGNORECASE)
+_COMMENT = re.compile(rb"^\s*(\([^()]*\)\s*)*")
+
+
+def strip_our_results(data: bytes, authserv_id: str) -> bytes:
+    """`data` without the Authentication-Results fields whose authserv-id is ours (any case);
+    every other byte, including line endings and the body, is kept exactly."""
+    ours = authserv_id.strip().lower().encode("utf-8")
+    lines = re.split(rb"(?<=\n)", data)
+    kept: list[bytes] = []
+    dropping = False
+    for position, line in enumerate(lines):
+        if line in (b"\r\n", b"\n", b""):  # end of the header section: the rest as it is
+            kept.extend(lines[position:])
+            break
+        if line[:1] in (b" ", b"\t"):  # continuation of the field before
+            if not dropping:
+                kept.append(line)
+            continue
+        dropping = bool(_AR_NAME.match(line)) and _claims(line, lines[position + 1 :], ours)
+        if not dropping:
+            kept.append(line)
+    return b"".join(kept)
+
+
+def _claims(first: bytes, following: list[bytes], ours: bytes) -> bool:
+    """Whether the Authentication-Results field starting at `first` names `ours`."""
+    value = first.partition(b":")[2]
+    for line in following:  # unfold: the authserv-id may sit on a continuation line
+        if line[:1] not in (b" ", b"\t"):
+            break
+        value += line
+    value = _COMMENT.sub(b"", value.replace(b"\r", b" ").replace(b"\n", b" "), count=1)
+    token = re.split(rb"[\s;(]", value.strip(), maxsplit=1)[0]
+    return token.lower() == ours

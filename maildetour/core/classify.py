@@ -2,7 +2,8 @@
 
 Pure: no I/O, no asyncio; takes a reply code and its text, returns a value. Exposure: pure
 (the text comes from remote servers, so it is treated as untrusted: control characters are
-removed and its length is capped before it is stored in an outcome). Never raises for any
+removed and its length is capped before it becomes an outcome's private `reason`; the
+outcome's `public` words are ours, from the table below or the kind's default). Never raises for any
 input: a reply we cannot make sense of is a `TemporaryFailure` (unknown means temporary).
 
 Order of decisions: a code outside 200..599 -> temporary; a named case (matched on the enhanced
@@ -75,6 +76,9 @@ NAMED_REPLIES: tuple[NamedReply, ...] = (
 
 _BY_STATUS: Mapping[str, NamedReply] = {row.status: row for row in NAMED_REPLIES}
 
+# The enhanced status of a reply that gives none (or one whose class disagrees with its code).
+DEFAULT_STATUS = {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}
+
 
 def enhanced_status(text: str) -> str | None:
     """The RFC 3463 enhanced status code that begins `text` ("5.7.26"), or None."""
@@ -83,14 +87,6 @@ def enhanced_status(text: str) -> str | None:
         return None
     klass, subject, detail = match.groups()
     return f"{klass}.{int(subject)}.{int(detail)}"
-
-
-def named_reply(code: int, text: str) -> NamedReply | None:
-    """The named case for this reply, if its enhanced code is known and agrees with `code`."""
-    status = enhanced_status(text)
-    if status is None or status[0] != str(code // 100):
-        return None
-    return _BY_STATUS.get(status)
 
 
 def format_reply(code: int, text: str) -> str:
@@ -114,19 +110,24 @@ def classify_reply(code: int, text: str) -> Outcome:
     if not isinstance(code, int) or isinstance(code, bool) or not 200 <= code <= 599:
         return TemporaryFailure(format_reply(code if isinstance(code, int) else 0, text))
     reply = format_reply(code, text)
-    named = named_reply(code, text)
+    status = enhanced_status(text)
+    if status is None or status[0] != str(code // 100):
+        status = DEFAULT_STATUS.get(code // 100, "4.0.0")  # absent, or disagrees with the code
+    named = _BY_STATUS.get(status)
     if named is not None:
         match named.verdict:
             case Verdict.TEMPORARY:
-                return TemporaryFailure(reply)
+                return TemporaryFailure(reply, code, status, named.meaning)
             case Verdict.PERMANENT:
-                return PermanentFailure(reply)
+                return PermanentFailure(reply, code, status, named.meaning)
             case Verdict.ALERT:
-                return PermanentFailure(reply, alert=True)
+                return PermanentFailure(reply, code, status, named.meaning, alert=True)
     match code // 100:
         case 2:
-            return Delivered(reply)
+            return Delivered(reply, code, status)
         case 5:
-            return PermanentFailure(reply)
-        case _:  # 4xx, and 3xx where a final reply was expected
-            return TemporaryFailure(reply)
+            return PermanentFailure(reply, code, status)
+        case 4:
+            return TemporaryFailure(reply, code, status)
+        case _:  # 3xx where a final reply was expected
+            return TemporaryFailure(reply, 451, "4.5.0", "unexpected reply from the receiving system")

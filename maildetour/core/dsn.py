@@ -1,23 +1,22 @@
 """Private delivery status notifications (RFC 3464) for ordinary forwards that failed for good.
 
 Pure. The DSN goes to the original envelope sender, so everything in it faces the internet:
-it names only the public address the sender used, never the forward target; the remote reply
-is reduced to its status codes (its text could quote the target in any form); and the
-original headers are attached only after passing through the redactor. Never built for a
-null sender, a hidden destination or a quarantined loop (policy sees to that).
+it names only the public address the sender used, never the forward target; of the outcome
+it quotes only the reply code, the enhanced status and the outcome's public words, never the
+private reason (a remote's text could quote the target in any form); and the original headers
+are attached only after passing through the redactor. Never built for a null sender, a
+hidden destination or a quarantined loop (policy sees to that).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from email.utils import format_datetime, make_msgid
 from datetime import datetime, timezone
+from email.utils import format_datetime, make_msgid
 
+from maildetour.core.outcome import Outcome
 from maildetour.core.redact import Redactor
 
-_STATUS = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
-_CODE = re.compile(r"\b([245]\d\d)\b")
 # Headers of the original are attached up to this size (RFC 3464 allows headers only).
 MAX_ATTACHED_HEADERS = 16 * 1024
 
@@ -26,18 +25,20 @@ MAX_ATTACHED_HEADERS = 16 * 1024
 class Failure:
     queue_id: str
     recipient: str  # the public address the sender used
-    reason: str  # private reason from policy; only status codes are taken from it
+    code: int  # 5xx: a DSN reports a failure for good
+    status: str  # 5.x.x
+    public: str  # the outcome's public words
     arrival: float
 
 
-def status_of(reason: str) -> tuple[str, str]:
-    """(enhanced status, SMTP code) found in a private reason; defaults 5.0.0 / 550."""
-    status = _STATUS.search(reason)
-    code = _CODE.search(reason)
-    enhanced = ".".join(status.groups()) if status else "5.0.0"
-    if not enhanced.startswith("5"):
-        enhanced = "5.0.0"  # a DSN reports a permanent failure
-    return enhanced, code.group(1) if code and code.group(1).startswith("5") else "550"
+def failure(queue_id: str, recipient: str, outcome: Outcome, arrival: float) -> Failure:
+    """What a DSN may say about `outcome`. A temporary failure that lasted too long is
+    reported as 550 5.0.0 (a failed DSN reports a permanent status)."""
+    if outcome.status.startswith("5"):
+        code = outcome.code if 500 <= outcome.code <= 599 else 550
+        return Failure(queue_id, recipient, code, outcome.status, outcome.public, arrival)
+    return Failure(queue_id, recipient, 550, "5.0.0", f"{outcome.public}, for longer than we retry",
+                   arrival)
 
 
 def build_dsn(
@@ -49,7 +50,7 @@ def build_dsn(
     redactor: Redactor,
     now: float,
 ) -> bytes:
-    enhanced, code = status_of(failure.reason)
+    enhanced, code = failure.status, failure.code
     boundary = f"=_{failure.queue_id}_dsn"
     date = format_datetime(datetime.fromtimestamp(now, timezone.utc))
     arrival = format_datetime(datetime.fromtimestamp(failure.arrival, timezone.utc))
@@ -57,7 +58,7 @@ def build_dsn(
     human = (
         f"This is the mail system at {hostname}.\r\n\r\n"
         f"Your message to <{failure.recipient}> could not be delivered.\r\n"
-        f"The receiving system refused it permanently ({code} {enhanced}).\r\n"
+        f"It failed for good: {failure.public} ({code} {enhanced}).\r\n"
         f"Your message was not forwarded to that recipient; no further attempts will be made.\r\n"
     )
     report = (

@@ -1,9 +1,17 @@
-"""What one delivery attempt came to, and what happens next.
+"""What one delivery attempt came to: outcomes as data.
 
-Pure: values only, no I/O. Delivery agents report an `Outcome` per copy; `core.policy` turns it
-into a `Decision`. Exposure: internal. Replies from remote hosts are kept verbatim here (they are
-private: only the operator sees them); anything that can reach a sender goes through
-`core.redact` first.
+Pure values, no I/O. Delivery agents report an `Outcome` per copy; `core.policy` turns it into
+a `Decision`. Every outcome carries the same four facts (as maddy's SMTPError does):
+  code    the SMTP reply code: the remote's, or ours for what got no reply (a timeout, a local
+          check): 451 when it may work later, 550 when it never will;
+  status  the enhanced status code (RFC 3463), "5.7.26";
+  public  words safe for anyone, the sender included: our own fixed text, never a remote's
+          reply text and never an address. A DSN quotes only `code`, `status` and `public`;
+  reason  the private reason: the remote's reply as received (cleaned and capped by
+          `core.classify`) or our own diagnosis. Operator-facing only (trace, audit log, server
+          log): it may name a forward target or a hidden address.
+Exposure: internal. Constructors take the reason first; the defaults of the other fields are
+the generic values of each kind (agents that know better set them).
 """
 
 from __future__ import annotations
@@ -15,14 +23,20 @@ from dataclasses import dataclass
 class Delivered:
     """The next hop (or the local mailbox) took responsibility for the copy."""
 
-    reply: str
+    reason: str
+    code: int = 250
+    status: str = "2.0.0"
+    public: str = "delivered"
 
 
 @dataclass(frozen=True, slots=True)
 class TemporaryFailure:
     """Try again later: 4xx replies, timeouts, dropped connections, unclassified errors."""
 
-    reply: str
+    reason: str
+    code: int = 451
+    status: str = "4.0.0"
+    public: str = "temporarily not accepted by the receiving system"
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,15 +44,21 @@ class PermanentFailure:
     """The destination refused the copy for good (5xx). `alert` marks replies the operator
     should see (the destination mailbox does not exist: a config error on our side)."""
 
-    reply: str
+    reason: str
+    code: int = 550
+    status: str = "5.0.0"
+    public: str = "refused by the receiving system"
     alert: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Unreachable:
-    """No host to talk to: no MX/A record, null MX, connection refused, no route."""
+    """No host to talk to: connection refused, no route (RFC 3463 4.4.1: no answer from host)."""
 
     reason: str
+    code: int = 451
+    status: str = "4.4.1"
+    public: str = "no mail host could be reached"
 
 
 Outcome = Delivered | TemporaryFailure | PermanentFailure | Unreachable

@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from maildetour.config.model import Config, Destination
 from maildetour.core import replies
 from maildetour.core.address import Address, base_address, parse_address
+from maildetour.core.destinations import Destination, detour_chain
 from maildetour.core.replies import Reply
 
 # Deeper chains of local forwards are a config mistake, not something to follow forever.
@@ -45,17 +45,12 @@ Route = Accept | Refuse
 
 @dataclass(frozen=True, slots=True)
 class RoutingTable:
+    """Built from the config by `Config.routing_table()`."""
+
     domains: frozenset[str]
     mailboxes: frozenset[str]
     forwards: dict[str, tuple[str, ...]]  # exact address or "@domain" -> targets
     destinations: dict[str, Destination]
-
-    @classmethod
-    def from_config(cls, config: Config) -> "RoutingTable":
-        mailboxes = frozenset(config.mailboxes)
-        domains = frozenset(config.smtp.domains) | {a.split("@", 1)[1] for a in mailboxes}
-        forwards = {rule.pattern: rule.to for rule in config.forwards}
-        return cls(domains, mailboxes, forwards, dict(config.destinations))
 
     def kind(self, target: str) -> Kind:
         """How a target is delivered: into one of our mailboxes, or by SMTP."""
@@ -65,15 +60,9 @@ class RoutingTable:
         dest = self.destinations.get(target.lower())
         return dest is not None and dest.hidden
 
-    def hidden_addresses(self) -> frozenset[str]:
-        return frozenset(a for a, d in self.destinations.items() if d.hidden)
-
     def detour_chain(self, target: str) -> tuple[str, ...]:
-        """target, its detour, that one's detour, ... (config guarantees no cycles)."""
-        chain = [target.lower()]
-        while (dest := self.destinations.get(chain[-1])) is not None and dest.detour:
-            chain.append(dest.detour)
-        return tuple(chain)
+        """target, its detour, that one's detour, ... (the config has no loops)."""
+        return detour_chain(self.destinations, target).steps
 
 
 def route(table: RoutingTable, address: Address) -> Route:

@@ -1,9 +1,11 @@
 """The one delivery interface every destination kind implements.
 
-Internal. A delivery agent takes one `Job` (a message and the recipients that share a next hop)
-and reports an `Outcome` for each recipient. Agents never raise for a remote refusal or a network
-problem: those are outcomes. Anything an agent cannot classify is a `TemporaryFailure`.
-Kinds: SMTP (`smtp_out`), local Maildir (`local`); an IMAP APPEND agent can be added later.
+Internal. A delivery agent takes one `Job` (a message and the recipients that may share one
+delivery: `batch_key` says which) and reports an `Outcome` for each recipient. Agents never
+raise for a remote refusal or a network problem: those are outcomes. Anything an agent cannot
+classify is a `TemporaryFailure`. Kinds: SMTP (`smtp_out`), local Maildir (`local`). Agents can
+wrap agents (maddy's "modifiers in front of a target"): `screen` (skip_when) and `signing`
+(SRS, DKIM, ARC) sit in front of the SMTP agent, so the scheduler never asks what an agent is.
 """
 
 from __future__ import annotations
@@ -18,11 +20,15 @@ from maildetour.core.outcome import Outcome
 class Job:
     queue_id: str
     mail_from: str  # envelope sender for this attempt; "" is the null sender <>
-    recipients: tuple[str, ...]  # destination addresses; for SMTP all in one domain
+    recipients: tuple[str, ...]  # destination addresses with one batch key
     data: bytes  # the whole message, CRLF line endings, as it should arrive
 
 
 class Agent(Protocol):
+    def batch_key(self, target: str) -> str:
+        """Copies of one message whose targets have the same key may go in one job."""
+        ...
+
     async def deliver(self, job: Job) -> Mapping[str, Outcome]:
         """Deliver `job`; return an outcome for every recipient in `job.recipients`."""
         ...

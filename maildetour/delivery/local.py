@@ -20,6 +20,10 @@ class LocalAgent:
     def __init__(self, mailbox_dir: Callable[[str], Path]) -> None:
         self._mailbox_dir = mailbox_dir
 
+    def batch_key(self, target: str) -> str:
+        """Every mailbox copy of a message goes in one job."""
+        return ""
+
     async def deliver(self, job: Job) -> Mapping[str, Outcome]:
         data = b"Return-Path: <" + job.mail_from.encode("utf-8", "replace") + b">\r\n" + job.data
         outcomes: dict[str, Outcome] = {}
@@ -28,7 +32,8 @@ class LocalAgent:
                 name = await asyncio.to_thread(maildir.deliver, self._mailbox_dir(recipient), data)
                 outcomes[recipient] = Delivered(f"250 2.0.0 delivered to mailbox as {name}")
             except OSError as exc:
-                outcomes[recipient] = TemporaryFailure(f"451 4.3.0 mailbox write failed: {exc.strerror}")
+                outcomes[recipient] = TemporaryFailure(f"451 4.3.0 mailbox write failed: {exc.strerror}",
+                                                       451, "4.3.0", "the mailbox could not be written")
         return outcomes
 
     async def close(self) -> None:

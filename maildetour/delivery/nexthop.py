@@ -28,18 +28,12 @@ import dns.exception
 import dns.resolver
 from dns.rdtypes.ANY.MX import MX
 
-SMTP_PORT = 25
+from maildetour.core.hostport import HostPort
+
 # RFC 5321 does not bound MX records; Postfix tries 5 addresses (smtp_mx_address_limit).
 # We keep the first exchanges by preference, so a hostile zone cannot make us resolve hundreds.
 MAX_EXCHANGES = 5
 MAX_ADDRESSES = 10
-
-
-@dataclass(frozen=True, slots=True)
-class HostPort:
-    host: str  # IP literal to dial
-    port: int
-    name: str  # the exchange / relay name (for TLS server_hostname and logs); an IP if none
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,12 +91,12 @@ class NextHopResolver:
         self,
         resolver: dns.asyncresolver.Resolver | None,
         *,
-        relay: Mapping[str, tuple[str, int]] | None = None,
-        port: int = SMTP_PORT,
+        relay: Mapping[str, HostPort] | None = None,
+        port: int,
         rng: random.Random | None = None,
     ) -> None:
         """`resolver` None: only relay entries work; other domains are `DnsTemporary`.
-        `port` is used for MX and implicit-MX hosts (25 in production)."""
+        `port` is used for MX and implicit-MX hosts (`delivery.smtp_port`, 25 in production)."""
         self._resolver = resolver
         self._relay = {d.lower().rstrip("."): hp for d, hp in (relay or {}).items()}
         self._port = port
@@ -112,7 +106,7 @@ class NextHopResolver:
         domain = domain.lower().rstrip(".")
         relay = self._relay.get(domain)
         if relay is not None:
-            return await self._resolve_relay(domain, *relay)
+            return await self._resolve_relay(domain, relay.host, relay.port)
         if self._resolver is None:
             return DnsTemporary(f"{domain}: no relay and no DNS resolver configured")
         try:

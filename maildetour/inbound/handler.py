@@ -16,12 +16,13 @@ import dns.resolver
 
 from maildetour.core import replies
 from maildetour.core.address import AddressError, parse_address
+from maildetour.core.authres import strip_our_results
 from maildetour.core.received import count_received, find_message_id, has_bare_cr_or_lf, received_header
 from maildetour.core.routing import Accept, RoutingTable, route
-from maildetour.store.base import Store
 from maildetour.sign.srs import SrsCodec, SrsError, is_srs
-from maildetour.sign.verdicts import check, strip_our_results
-from maildetour.store.records import Copy, Event, NewCopy, NewMessage, new_queue_id
+from maildetour.store.base import Store
+from maildetour.store.records import Copy, CopyState, Event, Message, NewCopy, new_queue_id
+from maildetour.verify.verdicts import check
 
 log = logging.getLogger("maildetour.inbound")
 
@@ -36,7 +37,7 @@ class InboundLimits:
 
 @dataclass(frozen=True, slots=True)
 class Checks:
-    """SPF/DKIM/DMARC of received mail, as one Authentication-Results header (sign.verdicts)."""
+    """SPF/DKIM/DMARC of received mail, as one Authentication-Results header (verify.verdicts)."""
 
     authserv_id: str
     resolver: dns.resolver.Resolver
@@ -53,12 +54,12 @@ class Checks:
 
 
 # (the DSN as stored, its bytes, the original senders its SRS recipients decode to)
-LateBounce = Callable[[NewMessage, bytes, tuple[str, ...]], Awaitable[None]]
+LateBounce = Callable[[Message, bytes, tuple[str, ...]], Awaitable[None]]
 
 
 class Handler:
     def __init__(self, *, table: RoutingTable, store: Store, hostname: str, limits: InboundLimits,
-                 on_accepted: Callable[[list[Copy], bytes], None], clock: Callable[[], float],
+                 on_accepted: Callable[[list[Copy]], None], clock: Callable[[], float],
                  checks: Checks | None = None, srs: SrsCodec | None = None,
                  on_late_bounce: LateBounce | None = None, authserv_id: str | None = None) -> None:
         self.table, self.store, self.hostname, self.limits = table, store, hostname, limits
@@ -143,30 +144,27 @@ class Handler:
         client = f"{session.host_name} [{client_ip}]"
         if envelope.srs_rcpts:
             assert self.on_late_bounce is not None
-            await self.on_late_bounce(NewMessage(queue_id, sender, now, find_message_id(data), len(full), client),
+            await self.on_late_bounce(Message(queue_id, sender, now, find_message_id(data), len(full), client),
                                       full, tuple(envelope.srs_rcpts))
             return str(replies.queued(queue_id))
         looped = count_received(full) > self.limits.max_received
-        copies = self._plan(routes, "quarantined" if looped else "queued")
-        message = NewMessage(queue_id, sender, now, find_message_id(data), len(full), client)
+        copies = self._plan(routes, "quarantined" if looped else "queued",
+                            "mail loop: too many Received headers" if looped else "")
+        message = Message(queue_id, sender, now, find_message_id(data), len(full), client)
         events = [Event(now, queue_id, None, "accepted", ",".join(r.recipient for r in routes),
                         f"from=<{sender}> client={message.client} size={len(full)}")]
-        if looped:
-            events += [Event(now, queue_id, -1 - i, "quarantined", c.target, "mail loop: too many Received headers")
-                       for i, c in enumerate(copies)]
         made = await self.store.accept(message, full, copies, events)
         if not looped:
-            self.on_accepted(made, full)
+            self.on_accepted(made)
         return str(replies.queued(queue_id))
 
-    def _plan(self, routes: Sequence[Accept], state: str) -> list[NewCopy]:
+    def _plan(self, routes: Sequence[Accept], state: CopyState, why: str) -> list[NewCopy]:
         """One copy per destination, even when several recipients lead to the same one."""
         copies: dict[str, NewCopy] = {}
         for found in routes:
             for target in found.targets:
                 if target not in copies:
-                    copies[target] = NewCopy(found.recipient, target, self.table.is_hidden(target),
-                                             state)  # type: ignore[arg-type]
+                    copies[target] = NewCopy(found.recipient, target, self.table.is_hidden(target), state, why)
         return list(copies.values())
 
     async def handle_exception(self, error: Exception) -> str:

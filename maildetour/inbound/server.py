@@ -116,7 +116,7 @@ class SessionFactory:
 
     def __init__(self, handler: Handler, *, hostname: str, max_sessions: int, max_message_size: int,
                  command_timeout: float, data_timeout: float, tls: ssl.SSLContext | None,
-                 max_line_length: int = 8192) -> None:
+                 max_line_length: int) -> None:
         self.handler, self.hostname, self.max_sessions = handler, hostname, max_sessions
         self.max_line_length = max_line_length
         self.max_message_size, self.tls = max_message_size, tls

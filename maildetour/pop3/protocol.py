@@ -16,10 +16,10 @@ import binascii
 import enum
 from collections.abc import Callable
 
+from maildetour.config.model import Pop3Settings
 from maildetour.pop3.events import (
     CheckLogin, Close, Effect, Expunge, LoginAccepted, LoginInUse, LoginRefused, LoginResult,
     LoginUnavailable, Pop3Message, Send, SendMessage, StartTls)
-from maildetour.pop3.settings import Pop3Settings
 
 
 class State(enum.Enum):

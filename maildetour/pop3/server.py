@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from maildetour.config.model import Pop3Settings
 from maildetour.core.password import hash_password, verify_password
 from maildetour.mailbox.maildir import (
     READ_CHUNK, MaildirMessage, list_messages, open_message, remove)
@@ -30,7 +31,6 @@ from maildetour.pop3.events import (
     CheckLogin, Close, Effect, Expunge, LoginAccepted, LoginInUse, LoginRefused, LoginResult,
     LoginUnavailable, Pop3Message, Send, SendMessage, StartTls)
 from maildetour.pop3.protocol import MESSAGE_GONE, TOO_MANY_CONNECTIONS, Pop3Session, State
-from maildetour.pop3.settings import Pop3Settings
 from maildetour.pop3.throttle import LoginThrottle
 from maildetour.pop3.wire import MessageEncoder
 

@@ -33,8 +33,8 @@ from authres import AuthenticationResultsHeader
 from authres.arc import ARCAuthenticationResult
 from authres.core import SyntaxError as AuthresSyntaxError
 
+from maildetour.core.authres import strip_our_results
 from maildetour.sign.dkim import line_separator
-from maildetour.sign.verdicts import strip_our_results
 
 __all__ = ["ArcSealError", "DnsFunc", "chain_status", "seal"]
 

@@ -1,28 +1,35 @@
-"""The store interface: messages, their copies and events, kept durably.
+"""The store interface: messages, their copies and events, kept durably; the queue's owner.
 
 Internal. The embedded implementation is `store.sqlite` (SQLite + spool files); a PostgreSQL
-store for several nodes can implement the same protocol. Nothing outside `store/` knows SQL.
+store for several nodes can implement the same protocol, and the scheduler, the inbound side
+and the operator's commands (`maildetour queue`, `trace`) use nothing else: no module outside
+`store/` knows SQL.
 Contract: when `accept` returns, the message bytes, its copies and its events are on disk
 (fsync'ed); a crash after that loses nothing. Updates after acceptance may be lost in a crash
-(the copy is simply tried again: at-least-once).
+(the copy is simply tried again: at-least-once). Every change of a copy's state is written
+together with the events that explain it, and every committed event is appended to the audit
+log. The operator's actions (hold, release, delete) win over an attempt in flight: `update`
+does not overwrite a copy the operator held or deleted meanwhile.
 """
 
 from __future__ import annotations
 
 from typing import Protocol, Sequence
 
-from maildetour.store.records import Copy, Event, NewCopy, NewMessage, Story
+from maildetour.store.records import Copy, CopyState, Event, Message, NewCopy, Story
 
 
 class Store(Protocol):
-    async def accept(
-        self, message: NewMessage, data: bytes, copies: Sequence[NewCopy], events: Sequence[Event]
-    ) -> list[Copy]:
-        """Durably keep a new message and its copies; return the copies with their ids."""
+    # --- the mail's way through --------------------------------------------------------------
+    async def accept(self, message: Message, data: bytes, copies: Sequence[NewCopy],
+                     events: Sequence[Event]) -> list[Copy]:
+        """Durably keep a new message and its copies; return the copies with their ids. A copy
+        born in another state than queued gets an event of that kind saying its `why`."""
         ...
 
-    async def update(self, copy: Copy, events: Sequence[Event]) -> None:
-        """Write a copy's new state together with the events that explain it."""
+    async def update(self, copy: Copy, events: Sequence[Event]) -> bool:
+        """Write a copy's new state together with the events that explain it. False when the
+        operator held or deleted the copy meanwhile (its state was kept; events are written)."""
         ...
 
     async def unfinished(self) -> list[Copy]:
@@ -49,10 +56,34 @@ class Store(Protocol):
         """Remove the bytes of finished messages whose keep_until has passed; return how many."""
         ...
 
+    # --- the operator's view and hands -------------------------------------------------------
     async def story(self, key: str) -> Story | None:
-        """A message by queue id or Message-ID, with its copies and events."""
+        """A message by queue id or Message-ID, with its copies and events (`trace`)."""
         ...
 
+    async def copies(self, states: Sequence[CopyState] | None, limit: int) -> list[Copy]:
+        """Copies in `states` (None: all), by queue id, at most `limit` (`queue`)."""
+        ...
+
+    async def flush(self, now: float) -> int:
+        """Every queued copy is due at `now`; return how many (`queue --flush`, no server)."""
+        ...
+
+    async def hold(self, queue_id: str, now: float) -> int:
+        """Queued copies of `queue_id` are held (not tried until released); event "held"."""
+        ...
+
+    async def release(self, queue_id: str, now: float) -> int:
+        """Held and quarantined copies of `queue_id` are queued again, due at once, with their
+        attempts and failure clock reset (same target); event "released"."""
+        ...
+
+    async def delete(self, queue_id: str, now: float) -> int:
+        """Copies of `queue_id` that are not final are deleted (kept for `trace`, never tried
+        again); the bytes go when nothing is left to deliver; event "deleted"."""
+        ...
+
+    # --- running -------------------------------------------------------------------------------
     async def run(self) -> None:
         """The writer: runs until cancelled (owned by the app's TaskGroup)."""
         ...

@@ -1,7 +1,9 @@
 """What the store keeps: messages, copies (one per destination), events.
 
 Pure values. A copy moves queued -> delivered | bounced | failed | quarantined; a detour keeps
-the copy and changes its target (the event log keeps the path).
+the copy and changes its target (the event log keeps the path). The operator can hold a
+queued copy (held -> queued by release), release a quarantined one, and delete one that is not
+final (deleted: kept for `trace`, never delivered).
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import secrets
 from dataclasses import dataclass
 from typing import Literal
 
-CopyState = Literal["queued", "delivered", "bounced", "failed", "quarantined"]
+CopyState = Literal["queued", "delivered", "bounced", "failed", "quarantined", "held", "deleted"]
+# States a copy leaves only by the operator's hand, or never.
+FINAL_STATES: tuple[CopyState, ...] = ("delivered", "bounced", "failed", "deleted")
 
 EventKind = Literal[
     "accepted",  # message committed; detail: sender, client, size
@@ -22,14 +26,16 @@ EventKind = Literal[
     "bounced",  # permanent failure of an ordinary copy; a DSN was queued
     "dsn-sent",  # the DSN's queue id (on the failed copy's message)
     "failed",  # permanent failure nobody may be told about (a DSN that failed)
-    "alert",  # something the operator should fix (e.g. the target mailbox does not exist)
+    "alert",  # the operator should fix something (a destination says its mailbox does not exist)
     "late-bounce",  # a DSN to our SRS address, matched to the copy it reports on
-    "released",  # the operator queued quarantined copies again (`maildetour queue --release`)
+    "held",  # the operator held queued copies (`maildetour queue --hold`)
+    "released",  # the operator queued held or quarantined copies again (`queue --release`)
+    "deleted",  # the operator deleted copies (`maildetour queue --delete`)
 ]
 
 
 @dataclass(frozen=True, slots=True)
-class NewMessage:
+class Message:
     queue_id: str
     mail_from: str  # "" for the null sender
     received_at: float
@@ -44,6 +50,7 @@ class NewCopy:
     target: str
     hidden_origin: bool
     state: CopyState = "queued"
+    why: str = ""  # for a copy not born queued: the detail of its event (kind = its state)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,18 +80,8 @@ class Event:
 
 
 @dataclass(frozen=True, slots=True)
-class MessageInfo:
-    queue_id: str
-    mail_from: str
-    received_at: float
-    message_id: str
-    size: int
-    client: str
-
-
-@dataclass(frozen=True, slots=True)
 class Story:
-    message: MessageInfo
+    message: Message
     copies: tuple[Copy, ...]
     events: tuple[Event, ...]
 

@@ -15,11 +15,12 @@ from maildetour.durable import fsync_dir, write_synced
 
 
 class Spool:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, create: bool = True) -> None:
         self.root = root
         self.tmp = root / "tmp"
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.tmp.mkdir(exist_ok=True, mode=0o700)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.tmp.mkdir(exist_ok=True, mode=0o700)
 
     def path(self, queue_id: str) -> Path:
         return self.root / queue_id

@@ -3,8 +3,11 @@
 Internal. One writer thread does every write; writes that arrive while it is busy are grouped
 into one transaction (group commit: one fsync of the spool directory and one WAL fsync for many
 messages), and none is acknowledged before its own commit. Events are appended to the JSON-lines
-audit log after they commit. Fails with OSError/sqlite3.Error to the caller (inbound answers
-451; delivery keeps the copy in memory and retries).
+audit log after they commit. Recently accepted bytes are kept in memory (`store.cache`) for the
+first attempts. Fails with OSError/sqlite3.Error to the caller (inbound answers 451; delivery
+keeps the copy in memory and retries).
+The server opens it with `recover()` (start-up clean-up); the operator's commands open it beside
+a running server (`readonly=True` for what only reads), and run the writer with `running()`.
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO, TypeVar
 
-from maildetour.store.records import Copy, Event, MessageInfo, NewCopy, NewMessage, Story
+from maildetour.store.cache import BytesCache
+from maildetour.store.records import FINAL_STATES, Copy, CopyState, Event, Message, NewCopy, Story
 from maildetour.store.spool import Spool
 
 T = TypeVar("T")
@@ -95,21 +101,30 @@ class _Op:
         self.needs_spool_sync, self.events = needs_spool_sync, events
 
 
+# States an attempt's update must not overwrite: the operator's hand wins.
+_OPERATOR_STATES = "('held', 'deleted')"
+_FINAL = "(" + ", ".join(f"'{s}'" for s in FINAL_STATES) + ")"
+
+
 class SqliteStore:
-    def __init__(self, db_path: Path, spool_dir: Path, audit_path: Path) -> None:
-        db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.spool = Spool(spool_dir)
-        self.spool.clear_tmp()
-        self._conn = connect(db_path)
-        self._remove_orphans()
-        self._audit: TextIO = open(audit_path, "a", encoding="utf-8")
+    def __init__(self, db_path: Path, spool_dir: Path, audit_path: Path, *, cache_bytes: int = 0,
+                 cache_seconds: float = 0.0, readonly: bool = False) -> None:
+        self.readonly = readonly
+        if not readonly:
+            db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.spool = Spool(spool_dir, create=not readonly)
+        self._conn = connect(db_path, readonly=readonly)
+        self._audit: TextIO | None = None if readonly else open(audit_path, "a", encoding="utf-8")
+        self._cache = BytesCache(cache_bytes, cache_seconds)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
         self._pending: list[_Op] = []
         self._wake = asyncio.Event()
 
-    def _remove_orphans(self) -> None:
-        """Spool files whose commit never happened (a crash between the two) were never
-        acknowledged: remove them at start-up."""
+    def recover(self) -> None:
+        """At the server's start only: half-written spool files of a crashed run, and spool
+        files whose commit never happened (a crash between the two), were never acknowledged:
+        remove them. (Never while a server runs: its writes in progress look just like these.)"""
+        self.spool.clear_tmp()
         known = {row[0] for row in self._conn.execute("SELECT queue_id FROM messages")}
         for name in self.spool.names() - known:
             self.spool.remove(name)
@@ -131,6 +146,17 @@ class SqliteStore:
                     op.future.set_result(value)
                 else:
                     op.future.set_exception(value)
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[SqliteStore]:
+        """The store with its writer running, for a command that is not the server."""
+        writer = asyncio.create_task(self.run())
+        try:
+            yield self
+        finally:
+            writer.cancel()
+            with suppress(asyncio.CancelledError):
+                await writer
 
     def _apply(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
         results: list[tuple[bool, Any]] = []
@@ -156,6 +182,7 @@ class SqliteStore:
         return results
 
     def _log(self, events: Any) -> None:
+        assert self._audit is not None
         for e in events:
             self._audit.write(json.dumps({
                 "at": round(e.at, 6), "queue_id": e.queue_id, "copy": e.copy_id,
@@ -165,15 +192,20 @@ class SqliteStore:
 
     async def _submit(self, func: Callable[[sqlite3.Connection], T], *, spool: bool = False,
                       events: Sequence[Event] = ()) -> T:
+        """Run `func` in the writer's next transaction; `events` (which `func` may still append
+        to) go to the audit log once it committed."""
+        if self.readonly:  # no writer: read in a thread of its own
+            return await asyncio.to_thread(func, self._conn)
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._pending.append(_Op(func, future, spool, events))
         self._wake.set()
         return await future
 
-    # --- the Store protocol -----------------------------------------------------------------
-    async def accept(self, message: NewMessage, data: bytes, copies: Sequence[NewCopy],
+    # --- the mail's way through -------------------------------------------------------------
+    async def accept(self, message: Message, data: bytes, copies: Sequence[NewCopy],
                      events: Sequence[Event]) -> list[Copy]:
         await asyncio.to_thread(self.spool.write, message.queue_id, data)
+        logged = list(events)  # and the events of copies born final, added by `insert`
 
         def insert(conn: sqlite3.Connection) -> list[Copy]:
             conn.execute(
@@ -190,66 +222,70 @@ class SqliteStore:
                     (message.queue_id, c.recipient, c.target, int(c.hidden_origin), c.state,
                      message.received_at),
                 )
-                made.append(Copy(
+                copy = Copy(
                     id=int(cur.lastrowid or 0), queue_id=message.queue_id, mail_from=message.mail_from,
                     recipient=c.recipient, target=c.target, hidden_origin=c.hidden_origin,
                     state=c.state, attempts=0, next_at=message.received_at, first_failure=None,
                     detours=0, received_at=message.received_at,
-                ))
-            _insert_events(conn, events, made)
+                )
+                made.append(copy)
+                if c.state != "queued":
+                    logged.append(Event(message.received_at, message.queue_id, copy.id, c.state,  # type: ignore[arg-type]
+                                        c.target, c.why))
+            _insert_events(conn, logged)
             return made
 
-        return await self._submit(insert, spool=True, events=events)
+        made = await self._submit(insert, spool=True, events=logged)
+        self._cache.put(message.queue_id, data)
+        return made
 
-    async def update(self, copy: Copy, events: Sequence[Event]) -> None:
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
+    async def update(self, copy: Copy, events: Sequence[Event]) -> bool:
+        def write(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
                 "UPDATE copies SET target=?, state=?, attempts=?, next_at=?, first_failure=?,"
-                " detours=? WHERE id=?",
+                f" detours=? WHERE id=? AND state NOT IN {_OPERATOR_STATES}",
                 (copy.target, copy.state, copy.attempts, copy.next_at, copy.first_failure,
                  copy.detours, copy.id),
             )
-            _insert_events(conn, events, [])
+            _insert_events(conn, events)
+            return cur.rowcount == 1
 
-        await self._submit(write, events=events)
+        return await self._submit(write, events=events)
 
     async def unfinished(self) -> list[Copy]:
-        def query(conn: sqlite3.Connection) -> list[Copy]:
-            rows = conn.execute(
-                f"SELECT {_COPY_COLUMNS} FROM copies c JOIN messages m USING (queue_id)"
-                " WHERE c.state = 'queued' ORDER BY c.next_at"
-            ).fetchall()
-            return [_copy(r) for r in rows]
-
-        return await self._submit(query)
+        return await self._submit(lambda conn: _copies(conn, "WHERE c.state = 'queued' ORDER BY c.next_at"))
 
     async def read(self, queue_id: str) -> bytes:
-        return await asyncio.to_thread(self.spool.read, queue_id)
+        data = self._cache.get(queue_id)
+        if data is None:
+            data = await asyncio.to_thread(self.spool.read, queue_id)
+            self._cache.put(queue_id, data)
+        return data
 
     async def finish(self, queue_id: str, keep_until: float | None = None) -> None:
+        self._cache.drop(queue_id)
+
         def mark(conn: sqlite3.Connection) -> None:
             conn.execute("UPDATE messages SET finished=1, keep_until=? WHERE queue_id=?",
                          (keep_until, queue_id))
-            if keep_until is not None:
-                return
-            held = conn.execute(
-                "SELECT 1 FROM copies WHERE queue_id=? AND state IN ('queued','quarantined') LIMIT 1",
-                (queue_id,),
-            ).fetchone()
-            if held is None:  # in the writer thread: no extra hand-off; a crash leaves a file at most
-                self.spool.remove(queue_id)
+            if keep_until is None:
+                self._remove_unless_held(conn, queue_id)
 
         await self._submit(mark)
 
-    async def find_copy(self, key: str, target: str) -> Copy | None:
-        def query(conn: sqlite3.Connection) -> Copy | None:
-            row = conn.execute(
-                f"SELECT {_COPY_COLUMNS} FROM copies c JOIN messages m USING (queue_id)"
-                " WHERE (m.queue_id=? OR m.message_id=?) AND lower(c.target)=? ORDER BY c.id LIMIT 1",
-                (key, key, target.lower())).fetchone()
-            return _copy(row) if row else None
+    def _remove_unless_held(self, conn: sqlite3.Connection, queue_id: str) -> None:
+        """Remove the bytes unless a copy may still need them. In the writer thread: no extra
+        hand-off; a crash leaves a file at most (removed as an orphan at the next start)."""
+        held = conn.execute(f"SELECT 1 FROM copies WHERE queue_id=? AND state NOT IN {_FINAL} LIMIT 1",
+                            (queue_id,)).fetchone()
+        if held is None:
+            self.spool.remove(queue_id)
 
-        return await self._submit(query)
+    async def find_copy(self, key: str, target: str) -> Copy | None:
+        found = await self._submit(lambda conn: _copies(
+            conn, "WHERE (m.queue_id=? OR m.message_id=?) AND lower(c.target)=? ORDER BY c.id LIMIT 1",
+            (key, key, target.lower())))
+        return found[0] if found else None
 
     async def kept(self, queue_id: str, now: float) -> bool:
         def query(conn: sqlite3.Connection) -> bool:
@@ -262,7 +298,7 @@ class SqliteStore:
         def expired(conn: sqlite3.Connection) -> list[str]:
             rows = conn.execute("SELECT queue_id FROM messages WHERE finished=1 AND keep_until < ?"
                                 " AND NOT EXISTS (SELECT 1 FROM copies c WHERE c.queue_id=messages.queue_id"
-                                " AND c.state IN ('queued','quarantined'))", (now,)).fetchall()
+                                f" AND c.state NOT IN {_FINAL})", (now,)).fetchall()
             conn.execute("UPDATE messages SET keep_until=NULL WHERE finished=1 AND keep_until < ?", (now,))
             return [r[0] for r in rows]
 
@@ -271,28 +307,72 @@ class SqliteStore:
             await asyncio.to_thread(self.spool.remove, queue_id)
         return len(gone)
 
+    # --- the operator's view and hands ------------------------------------------------------
     async def story(self, key: str) -> Story | None:
-        return await self._submit(lambda conn: read_story(conn, key))
+        return await self._submit(lambda conn: _story(conn, key))
+
+    async def copies(self, states: Sequence[CopyState] | None, limit: int) -> list[Copy]:
+        where = "" if states is None else f"WHERE c.state IN ({', '.join('?' * len(states))})"
+        return await self._submit(lambda conn: _copies(
+            conn, f"{where} ORDER BY c.queue_id, c.id LIMIT ?", (*(states or ()), limit)))
+
+    async def flush(self, now: float) -> int:
+        return await self._submit(lambda conn: conn.execute(
+            "UPDATE copies SET next_at = ? WHERE state = 'queued'", (now,)).rowcount)
+
+    async def hold(self, queue_id: str, now: float) -> int:
+        return await self._operator(queue_id, now, "held", "held", "('queued')",
+                                    "queued copies held by the operator")
+
+    async def release(self, queue_id: str, now: float) -> int:
+        return await self._operator(queue_id, now, "queued", "released", "('held', 'quarantined')",
+                                    "held or quarantined copies queued again by the operator")
+
+    async def delete(self, queue_id: str, now: float) -> int:
+        return await self._operator(queue_id, now, "deleted", "deleted", "('queued', 'held', 'quarantined')",
+                                    "copies deleted by the operator")
+
+    async def _operator(self, queue_id: str, now: float, state: CopyState, kind: str, from_states: str,
+                        what: str) -> int:
+        events: list[Event] = []
+
+        def change(conn: sqlite3.Connection) -> int:
+            count = conn.execute(
+                "UPDATE copies SET state=?, attempts=0, first_failure=NULL, next_at=?"
+                f" WHERE queue_id=? AND state IN {from_states}", (state, now, queue_id)).rowcount
+            if not count:
+                return 0
+            events.append(Event(now, queue_id, None, kind, "", f"{count} {what}"))  # type: ignore[arg-type]
+            _insert_events(conn, events)
+            if state == "queued":
+                conn.execute("UPDATE messages SET finished=0 WHERE queue_id=?", (queue_id,))
+            elif state == "deleted":
+                conn.execute("UPDATE messages SET finished=1, keep_until=NULL WHERE queue_id=?", (queue_id,))
+                self._remove_unless_held(conn, queue_id)
+            return count
+
+        return await self._submit(change, events=events)
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
         self._conn.close()
-        self._audit.close()
+        if self._audit is not None:
+            self._audit.close()
 
 
-def _insert_events(conn: sqlite3.Connection, events: Sequence[Event], made: Sequence[Copy]) -> None:
-    """Insert events; an event with copy_id -1-i refers to the i-th copy just made."""
-    for e in events:
-        copy_id = e.copy_id
-        if copy_id is not None and copy_id < 0 and made:
-            copy_id = made[-copy_id - 1].id
-        conn.execute(
-            "INSERT INTO events (queue_id, copy_id, at, kind, target, detail) VALUES (?,?,?,?,?,?)",
-            (e.queue_id, copy_id, e.at, e.kind, e.target, e.detail),
-        )
+def _insert_events(conn: sqlite3.Connection, events: Sequence[Event]) -> None:
+    conn.executemany(
+        "INSERT INTO events (queue_id, copy_id, at, kind, target, detail) VALUES (?,?,?,?,?,?)",
+        [(e.queue_id, e.copy_id, e.at, e.kind, e.target, e.detail) for e in events],
+    )
 
 
-def read_story(conn: sqlite3.Connection, key: str) -> Story | None:
+def _copies(conn: sqlite3.Connection, where: str, args: Sequence[Any] = ()) -> list[Copy]:
+    return [_copy(r) for r in conn.execute(
+        f"SELECT {_COPY_COLUMNS} FROM copies c JOIN messages m USING (queue_id) {where}", args)]
+
+
+def _story(conn: sqlite3.Connection, key: str) -> Story | None:
     """A message by queue id, or by Message-ID (with or without angle brackets)."""
     row = conn.execute(
         "SELECT queue_id, mail_from, received_at, message_id, size, client FROM messages"
@@ -301,10 +381,8 @@ def read_story(conn: sqlite3.Connection, key: str) -> Story | None:
     ).fetchone()
     if row is None:
         return None
-    message = MessageInfo(*row)
-    copies = tuple(_copy(r) for r in conn.execute(
-        f"SELECT {_COPY_COLUMNS} FROM copies c JOIN messages m USING (queue_id)"
-        " WHERE c.queue_id=? ORDER BY c.id", (message.queue_id,)))
+    message = Message(*row)
+    copies = tuple(_copies(conn, "WHERE c.queue_id=? ORDER BY c.id", (message.queue_id,)))
     events = tuple(Event(at=r[0], queue_id=message.queue_id, copy_id=r[1], kind=r[2], target=r[3],
                          detail=r[4]) for r in conn.execute(
         "SELECT at, copy_id, kind, target, detail FROM events WHERE queue_id=? ORDER BY id",
@@ -312,4 +390,4 @@ def read_story(conn: sqlite3.Connection, key: str) -> Story | None:
     return Story(message, copies, events)
 
 
-__all__ = ["SqliteStore", "connect", "read_story"]
+__all__ = ["SqliteStore", "connect"]

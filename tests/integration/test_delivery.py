@@ -61,7 +61,8 @@ def test_an_ordinary_forward_refused_for_good_bounces_naming_only_the_public_add
             assert b"Status: 5.1.1" in dsn.data
             assert b"friend" not in dsn.data.lower() and b"example.org" not in dsn.data.lower()
             events = server.wait_event(queue_id, "dsn-sent")
-            assert [e[0] for e in events][-3:] == ["refused", "bounced", "dsn-sent"]
+            # 5.1.1: the forward points at a mailbox that does not exist, an alert for the operator.
+            assert [e[0] for e in events][-4:] == ["refused", "alert", "bounced", "dsn-sent"]
 
 
 def test_mail_from_the_null_sender_that_fails_is_not_bounced(tmp_path: Path) -> None:
@@ -177,6 +178,35 @@ def test_queue_flush_without_a_running_server_makes_copies_due_at_the_next_start
             assert b"Subject: flush later" in received.data
         finally:
             server.stop()
+
+
+def test_a_held_copy_waits_out_flushes_until_released_and_a_deleted_one_is_never_tried(tmp_path: Path) -> None:
+    with running_sink(temp_failures=2) as gmail, \
+            running_server(tmp_path, gmail=f"{gmail.host}:{gmail.port}", detour_after="2h",
+                           delivery_extra='retry_first = "1h"') as server:
+        held_id = server.send(message("hold me"))
+        gone_id = server.send(message("delete me"))
+        for queue_id in (held_id, gone_id):
+            server.wait_event(queue_id, "deferred", target="ituki-ex@gmail.com")
+        hold = server.cli("queue", "--hold", held_id)
+        assert hold.returncode == 0 and "held 1 copies" in hold.stdout
+        delete = server.cli("queue", "--delete", gone_id)
+        assert delete.returncode == 0 and "deleted 1 copies" in delete.stdout
+        assert server.cli("queue", "--hold", gone_id).returncode == 1  # nothing queued is left
+        listing = server.cli("queue").stdout
+        assert "held" in listing and gone_id not in listing
+        assert server.cli("queue", "--flush").returncode == 0
+        time.sleep(1.0)  # a flushed server would try both now: neither goes
+        assert gmail.data_attempts == 2 and gmail.messages == []
+        released = server.cli("queue", "--release", held_id)
+        assert released.returncode == 0 and "released 1 copies" in released.stdout
+        [received] = gmail.wait_for(1, timeout=15)
+        assert b"Subject: hold me" in received.data
+        events = server.wait_event(held_id, "delivered", target="ituki-ex@gmail.com")
+        assert [e[0] for e in events if e[0] in ("held", "released")] == ["held", "released"]
+        assert "deleted" in [e[0] for e in server.events(gone_id)]
+    audit = (server.state / "audit.jsonl").read_text()
+    assert '"event": "held"' in audit and '"event": "released"' in audit and '"event": "deleted"' in audit
 
 
 def test_a_quarantined_copy_can_be_released_once_the_cause_is_fixed(tmp_path: Path) -> None:

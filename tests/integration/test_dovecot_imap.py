@@ -26,7 +26,7 @@ import pytest
 
 from maildetour.mailbox.maildir import deliver, list_messages
 from maildetour.pop3.server import Pop3Account, start_pop3
-from maildetour.pop3.settings import Pop3Settings
+from maildetour.config.model import Pop3Settings
 from tests.peers import need, peer_unavailable
 
 ADDRESS = "ituki@gm.example.net"

@@ -11,7 +11,6 @@ import pytest
 import trustme
 
 from maildetour.core.redact import Redactor
-from maildetour.core.routing import RoutingTable
 from maildetour.inbound.handler import Handler, InboundLimits
 from maildetour.inbound.server import SessionFactory, start_smtp, translate
 from tests.configs import seed_config
@@ -26,11 +25,12 @@ class InProcess:
         self.store = MemoryStore()
         self.accepted: list[str] = []
         config = seed_config(tmp_path)
-        handler = Handler(table=RoutingTable.from_config(config), store=self.store, hostname="mx.example.com",
+        handler = Handler(table=config.routing_table(), store=self.store, hostname="mx.example.com",
                           limits=InboundLimits(100, 50), clock=lambda: 1.0e9,
-                          on_accepted=lambda copies, data: self.accepted.append(copies[0].queue_id))
+                          on_accepted=lambda copies: self.accepted.append(copies[0].queue_id))
         self.factory = SessionFactory(handler, hostname="mx.example.com", max_sessions=10,
-                                      max_message_size=1 << 20, command_timeout=30, data_timeout=60, tls=tls)
+                                      max_message_size=1 << 20, command_timeout=30, data_timeout=60, tls=tls,
+                                      max_line_length=config.smtp.max_line_length)
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)

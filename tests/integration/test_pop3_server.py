@@ -22,7 +22,7 @@ import trustme
 from maildetour.core.password import hash_password
 from maildetour.mailbox.maildir import deliver, list_messages
 from maildetour.pop3.server import Pop3Account, Pop3Server, start_pop3
-from maildetour.pop3.settings import Pop3Settings
+from maildetour.config.model import Pop3Settings
 from tests.peers import need
 
 T = TypeVar("T")

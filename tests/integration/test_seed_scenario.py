@@ -81,7 +81,8 @@ def test_an_unknown_gmail_user_is_detoured_with_an_operator_alert(tmp_path: Path
         server.wait_mailbox(DETOUR, 1)
         events = server.wait_event(queue_id, "detoured")
         refused = next(e for e in events if e[0] == "refused")
-        assert "5.1.1" in refused[2] and "alert" in refused[2]
+        alert = next(e for e in events if e[0] == "alert")
+        assert "5.1.1" in refused[2] and alert[1] == "ituki-ex@gmail.com" and "5.1.1" in alert[2]
         assert sender_domain.messages == []
 
 

@@ -24,9 +24,9 @@ import pytest
 
 from maildetour.sign.arc import seal
 from maildetour.sign.dkim import DkimSigner, generate_key
-from maildetour.sign.dnsfunc import DnsLookup
+from maildetour.verify.dnsfunc import DnsLookup
 from maildetour.sign.srs import SrsCodec, SrsError, load_secrets
-from maildetour.sign.verdicts import Verdicts, check
+from maildetour.verify.verdicts import Verdicts, check
 from tests.peers.dnsmasq import DnsPeer, DnsRecords, running_dnsmasq
 from tests.peers.opendkim import Port53Dns, running_port53_dnsmasq, verify_with_opendkim
 from tests.peers.postsrsd import PostSrsd, running_postsrsd
@@ -144,7 +144,7 @@ def dns_peer(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Iterator[D
 
 
 def lookup(peer: DnsPeer) -> DnsLookup:
-    return DnsLookup(peer.sync_resolver())
+    return DnsLookup(peer.sync_resolver(), timeout=5.0)
 
 
 # -- DKIM and ARC verified by others ----------------------------------------------------------

@@ -22,10 +22,11 @@ from maildetour.core.outcome import (
     TemporaryFailure,
     Unreachable,
 )
+from maildetour.config.model import DeliveryConfig
+from maildetour.core.hostport import HostPort
 from maildetour.delivery.base import Job
 from maildetour.delivery.nexthop import (
     DnsTemporary,
-    HostPort,
     NextHopResolver,
     NextHops,
     NoHost,
@@ -55,11 +56,13 @@ def hops(*addresses: tuple[str, int]) -> StaticHops:
     return StaticHops(NextHops(tuple(HostPort(h, p, h) for h, p in addresses)))
 
 
-def make_agent(nexthop: Any, **kwargs: Any) -> SmtpAgent:
-    kwargs.setdefault("connect_timeout", 5.0)
-    kwargs.setdefault("command_timeout", 5.0)
-    kwargs.setdefault("data_timeout", 5.0)
-    return SmtpAgent(local_hostname="mx.example.com", nexthop=nexthop, **kwargs)
+def make_agent(nexthop: Any, ssl_context: ssl.SSLContext | None = None, **settings: Any) -> SmtpAgent:
+    """The agent with the config's defaults, short timeouts, and `settings` ([delivery] keys)."""
+    settings.setdefault("connect_timeout", 5.0)
+    settings.setdefault("command_timeout", 5.0)
+    settings.setdefault("data_timeout", 5.0)
+    return SmtpAgent(local_hostname="mx.example.com", nexthop=nexthop,
+                     settings=DeliveryConfig(**settings), ssl_context=ssl_context)
 
 
 def with_agent(nexthop: Any, use: Callable[[SmtpAgent], Awaitable[T]], **kwargs: Any) -> T:
@@ -85,13 +88,14 @@ def job(*recipients: str, mail_from: str = "sender@example.com", data: bytes = M
 def test_per_recipient_results_when_one_rcpt_is_refused() -> None:
     refuse_bob = lambda address: "550 5.1.1 no such user" if address.startswith("bob@") else None
     with running_sink(rcpt=refuse_bob) as sink:
-        relay = NextHopResolver(None, relay={"dest.test": ("127.0.0.1", sink.port)})
+        relay = NextHopResolver(None, relay={"dest.test": HostPort("127.0.0.1", sink.port)}, port=25)
         results = deliver_once(relay, job("alice@dest.test", "bob@dest.test", "carol@dest.test"))
         [received] = sink.wait_for(1)
     assert list(results) == ["alice@dest.test", "bob@dest.test", "carol@dest.test"]
     assert isinstance(results["alice@dest.test"], Delivered)
     assert isinstance(results["carol@dest.test"], Delivered)
-    assert results["bob@dest.test"] == PermanentFailure("550 5.1.1 no such user", alert=True)
+    assert results["bob@dest.test"] == PermanentFailure("550 5.1.1 no such user", 550, "5.1.1",
+                                                        "no such mailbox", alert=True)
     assert received.rcpt_tos == ("alice@dest.test", "carol@dest.test")
     assert received.mail_from == "sender@example.com"
     assert received.data == MESSAGE  # dot-stuffing undone by the receiver: same bytes
@@ -109,7 +113,8 @@ def test_4xx_after_data_is_temporary_for_every_accepted_recipient() -> None:
     with running_sink(temp_failures=1, temp_reply="451 4.3.0 Mail server temporarily rejected") as sink:
         results = deliver_once(hops(("127.0.0.1", sink.port)), job("a@dest.test", "b@dest.test"))
         assert sink.messages == []
-    assert results == {r: TemporaryFailure("451 4.3.0 Mail server temporarily rejected")
+    assert results == {r: TemporaryFailure("451 4.3.0 Mail server temporarily rejected", 451, "4.3.0",
+                                           "temporary server problem")
                        for r in ("a@dest.test", "b@dest.test")}
 
 
@@ -118,7 +123,7 @@ def test_5xx_after_data_is_permanent() -> None:
     with running_sink(refuse=lambda data: dmarc) as sink:
         results = deliver_once(hops(("127.0.0.1", sink.port)), job("hidden@dest.test"))
         assert sink.data_attempts == 1 and sink.messages == []
-    assert results == {"hidden@dest.test": PermanentFailure(dmarc)}
+    assert results == {"hidden@dest.test": PermanentFailure(dmarc, 550, "5.7.26", "unauthenticated / fails DMARC")}
 
 
 def test_temporary_failure_then_success_on_the_reused_connection() -> None:
@@ -195,16 +200,19 @@ def test_all_mx_failing_is_temporary_if_any_failure_is_temporary() -> None:
 
     results = asyncio.run(main())
     assert isinstance(results["a@dest.test"], TemporaryFailure), results
-    assert "4.4.5" in results["a@dest.test"].reply
+    assert "4.4.5" in results["a@dest.test"].reason
 
 
 def test_no_host_and_dns_trouble_become_outcomes_without_connecting() -> None:
     null_mx = deliver_once(StaticHops(NoHost("dest.test: null MX")), job("a@dest.test"))
     no_domain = deliver_once(StaticHops(NoHost("MX dest.test: no such domain")), job("a@dest.test"))
     later = deliver_once(StaticHops(DnsTemporary("SERVFAIL")), job("a@dest.test"))
-    assert null_mx == {"a@dest.test": PermanentFailure("556 5.1.10 dest.test: null MX")}
-    assert no_domain == {"a@dest.test": PermanentFailure("550 5.1.2 MX dest.test: no such domain")}
-    assert later == {"a@dest.test": TemporaryFailure("SERVFAIL")}
+    assert [(o.reason, o.code, o.status) for o in null_mx.values()] == [
+        ("556 5.1.10 dest.test: null MX", 556, "5.1.10")]
+    assert [(o.reason, o.code, o.status) for o in no_domain.values()] == [
+        ("550 5.1.2 MX dest.test: no such domain", 550, "5.1.2")]
+    assert all(isinstance(o, PermanentFailure) for o in [*null_mx.values(), *no_domain.values()])
+    assert [(type(o), o.reason, o.status) for o in later.values()] == [(TemporaryFailure, "SERVFAIL", "4.4.3")]
 
 
 def test_address_that_cannot_go_on_the_wire_is_refused_locally() -> None:
@@ -234,7 +242,7 @@ def test_idle_connection_is_dropped_after_idle_timeout() -> None:
         await agent.deliver(job("a@dest.test"))
 
     with running_sink() as sink:
-        with_agent(hops(("127.0.0.1", sink.port)), apart, idle_timeout=0.1)
+        with_agent(hops(("127.0.0.1", sink.port)), apart, connection_idle_timeout=0.1)
         sink.wait_for(2)
         assert sink.connections == 2
 
@@ -246,7 +254,7 @@ def test_idle_connection_closed_by_the_server_is_replaced() -> None:
         return [first, await agent.deliver(job("a@dest.test"))]
 
     with running_sink(smtp_options={"timeout": 0.2}) as sink:
-        results = with_agent(hops(("127.0.0.1", sink.port)), apart, idle_timeout=30.0)
+        results = with_agent(hops(("127.0.0.1", sink.port)), apart, connection_idle_timeout=30.0)
         sink.wait_for(2)
         assert sink.connections == 2
     assert all(isinstance(r["a@dest.test"], Delivered) for r in results)
@@ -310,7 +318,7 @@ def test_opportunistic_tls_failure_falls_back_to_plain_text(
     assert isinstance(opportunistic["a@dest.test"], Delivered)
     assert received.tls is False
     assert isinstance(required["a@dest.test"], TemporaryFailure)
-    assert "TLS" in required["a@dest.test"].reply
+    assert "TLS" in required["a@dest.test"].reason
 
 
 def test_required_tls_when_not_offered_is_temporary() -> None:
@@ -342,7 +350,7 @@ def test_non_ascii_address_without_smtputf8_is_permanent() -> None:
         results = deliver_once(hops(("127.0.0.1", sink.port)), job("ünicode@dest.test"))
         assert sink.attempts == 0
     outcome = results["ünicode@dest.test"]
-    assert isinstance(outcome, PermanentFailure) and "5.6.7" in outcome.reply
+    assert isinstance(outcome, PermanentFailure) and "5.6.7" in outcome.reason
 
 
 def test_message_over_the_advertised_size_is_refused_before_data() -> None:
@@ -351,7 +359,7 @@ def test_message_over_the_advertised_size_is_refused_before_data() -> None:
                                job("a@dest.test", data=MESSAGE + b"x" * 200 + b"\r\n"))
         assert sink.data_attempts == 0
     outcome = results["a@dest.test"]
-    assert isinstance(outcome, PermanentFailure) and "5.3.4" in outcome.reply
+    assert isinstance(outcome, PermanentFailure) and "5.3.4" in outcome.reason
 
 
 @pytest.mark.peer("dnsmasq")

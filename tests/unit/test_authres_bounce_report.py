@@ -1,4 +1,5 @@
-"""core.authres (our Authentication-Results read back) and core.bounce_report (late DSNs).
+"""core.authres (our Authentication-Results: forged ones removed, ours read back) and
+core.bounce_report (late DSNs).
 
 Both read text a sender controls, so beside the ordinary cases these tests try to make them
 read a result or a queue id that is not really there.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from maildetour.core.authres import find_results, skip_reason, verdict_words
+from maildetour.core.authres import find_results, strip_our_results, verdict_words
 from maildetour.core.bounce_report import MAX_RECIPIENTS, BounceReport, FailedRecipient, parse_bounce
 
 OURS = "mx.example.com"
@@ -48,7 +49,7 @@ def test_arc_authentication_results_are_not_ours() -> None:
     assert find_results(data, OURS) is None
 
 
-# -- verdict_words and skip_reason ------------------------------------------------------------
+# -- verdict_words ------------------------------------------------------------
 
 
 def test_verdict_words_take_one_result_per_method() -> None:
@@ -86,13 +87,44 @@ def test_comments_and_versions_are_allowed_around_a_result() -> None:
     assert verdict_words(value) == {"spf": "softfail", "dkim": "pass", "dmarc": "none"}
 
 
-def test_skip_reason_names_the_first_condition_met() -> None:
-    words = {"spf": "softfail", "dkim": "fail", "dmarc": "fail"}
-    assert skip_reason(("spf-fail", "dmarc-fail", "dkim-fail"), words) == "dmarc-fail"
-    assert skip_reason(("spf-softfail",), words) == "spf-softfail"
-    assert skip_reason(("spf-fail",), words) is None
-    assert skip_reason((), words) is None
-    assert skip_reason(("dmarc-fail",), {}) is None  # no verdicts (checks off, temperror): try it
+STRIP_ID = "mx.fwd.example"
+
+
+# -- strip_our_results ------------------------------------------------------------------------
+
+
+def test_strip_removes_only_fields_claiming_our_id_and_keeps_all_other_bytes() -> None:
+    head = (
+        b"Received: from x by y; Mon, 23 Nov 2026 12:00:00 +0000\r\n"
+        b"Authentication-Results: MX.Fwd.Example;\r\n\tdkim=pass header.d=bank.example\r\n"
+        b"authentication-results:mx.fwd.example; spf=pass\r\n"
+        b"Authentication-Results: (forged) mx.fwd.example 1; dmarc=pass\r\n"
+        b"Authentication-Results: mx.fwd.example.evil; spf=pass\r\n"
+        b"Authentication-Results: mx.other.example; dkim=fail\r\n"
+        b"ARC-Authentication-Results: i=1; mx.fwd.example; spf=pass\r\n"
+        b"Subject: x  \r\n"
+        b"\r\n"
+    )
+    body = b"Authentication-Results: mx.fwd.example; spf=pass\r\nbody\r\n"
+    stripped = strip_our_results(head + body, STRIP_ID)
+    assert stripped == (
+        b"Received: from x by y; Mon, 23 Nov 2026 12:00:00 +0000\r\n"
+        b"Authentication-Results: mx.fwd.example.evil; spf=pass\r\n"
+        b"Authentication-Results: mx.other.example; dkim=fail\r\n"
+        b"ARC-Authentication-Results: i=1; mx.fwd.example; spf=pass\r\n"
+        b"Subject: x  \r\n"
+        b"\r\n"
+    ) + body
+
+
+def test_strip_handles_an_id_on_a_continuation_line_and_lf_messages() -> None:
+    data = b"Authentication-Results:\n mx.fwd.example; spf=pass\nSubject: y\n\nbody\n"
+    assert strip_our_results(data, STRIP_ID) == b"Subject: y\n\nbody\n"
+
+
+def test_strip_leaves_a_message_without_our_results_byte_for_byte() -> None:
+    data = b"From: a@b.example\r\nSubject: hi\r\n\r\nbody\r\nbare\rcr and trailing"
+    assert strip_our_results(data, STRIP_ID) == data
 
 
 # -- parse_bounce -----------------------------------------------------------------------------

@@ -47,7 +47,24 @@ def test_gmail_deferrals_are_temporary(code: int, text: str) -> None:
 def test_no_such_mailbox_is_permanent_and_alerts_the_operator() -> None:
     outcome = classify_reply(550, "5.1.1 The email account that you tried to reach does not exist.")
     assert outcome == PermanentFailure(
-        "550 5.1.1 The email account that you tried to reach does not exist.", alert=True)
+        "550 5.1.1 The email account that you tried to reach does not exist.", 550, "5.1.1",
+        "no such mailbox", alert=True)
+
+
+def test_an_outcome_carries_code_status_public_words_and_the_private_reply() -> None:
+    outcome = classify_reply(550, GMAIL_DMARC)
+    assert (outcome.code, outcome.status, outcome.public) == (550, "5.7.26", "unauthenticated / fails DMARC")
+    assert outcome.reason.startswith("550 5.7.26 Unauthenticated email from example.org")
+    # The public words are ours, whatever the remote said (it may quote a forward target).
+    quoting = classify_reply(550, "5.1.0 <ituki-ex@gmail.com>: Recipient address rejected")
+    assert (quoting.status, quoting.public) == ("5.1.0", "refused by the receiving system")
+    assert "ituki-ex" in quoting.reason
+
+
+def test_a_reply_without_an_enhanced_status_gets_its_class_default() -> None:
+    assert classify_reply(554, "go away").status == "5.0.0"
+    assert classify_reply(421, "closing").status == "4.0.0"
+    assert classify_reply(450, "5.1.1 disagreeing").status == "4.0.0"
 
 
 def test_every_named_case_has_a_meaning_and_a_class_matching_its_verdict() -> None:
@@ -63,7 +80,8 @@ def test_every_named_case_has_a_meaning_and_a_class_matching_its_verdict() -> No
 
 @pytest.mark.parametrize("code", [250, 251, 200, 299])
 def test_2xx_is_delivered_with_the_reply_kept(code: int) -> None:
-    assert classify_reply(code, "2.0.0 OK queued as 1234") == Delivered(f"{code} 2.0.0 OK queued as 1234")
+    assert classify_reply(code, "2.0.0 OK queued as 1234") == Delivered(f"{code} 2.0.0 OK queued as 1234",
+                                                                         code, "2.0.0")
 
 
 @pytest.mark.parametrize(("code", "text"), [(450, "mailbox busy"), (452, "4.2.2 over quota"),

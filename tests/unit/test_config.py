@@ -6,7 +6,7 @@ import pytest
 
 from maildetour.config import ConfigError, load_config
 from maildetour.config.load import parse_duration, parse_size
-from maildetour.config.model import HostPort
+from maildetour.core.hostport import HostPort
 from tests.configs import SEED, seed_config, write_config
 
 
@@ -69,7 +69,7 @@ def test_a_detour_chain_that_loops_is_an_error(tmp_path: Path) -> None:
 
 
 def test_password_and_hash_together_are_an_error(tmp_path: Path) -> None:
-    text = SEED.replace('password = "change-me"\n', 'password = "a"\npassword_hash = "scrypt$x"\n', 1)
+    text = SEED.replace('password = "change-me"', 'password = "a"\npassword_hash = "scrypt$x"\n#', 1)
     assert "not both" in error_for(tmp_path, text).reason
 
 
@@ -139,3 +139,16 @@ def test_skip_when_takes_only_known_conditions(tmp_path: Path) -> None:
 def test_a_forward_target_at_our_domain_must_lead_somewhere(tmp_path: Path) -> None:
     text = SEED + '\n[forward."team@example.com"]\nto = ["nobody@example.com"]\n'
     assert error_for(tmp_path, text).key == 'forward."team@example.com".to[0]'
+
+
+def test_delivery_limits_have_defaults_and_can_be_set(tmp_path: Path) -> None:
+    defaults = seed_config(tmp_path).delivery
+    assert (defaults.max_parallel_attempts, defaults.connection_idle_timeout, defaults.message_cache) == (
+        200, 5.0, 8 * 1024 * 1024)
+    text = SEED.replace('relay = {', 'max_parallel_attempts = 20\nconnection_idle_timeout = "0s"\n'
+                                     'message_cache = 0\nrelay = {')
+    changed = seed_config(tmp_path, text).delivery
+    assert (changed.max_parallel_attempts, changed.connection_idle_timeout, changed.message_cache) == (20, 0.0, 0)
+    assert changed.retry.first == 60.0 and changed.retry.longest == 3600.0
+    bad = SEED.replace('relay = {', 'max_parallel_attempts = 0\nrelay = {')
+    assert error_for(tmp_path, bad).key == "delivery.max_parallel_attempts"

@@ -11,7 +11,7 @@ import pytest
 
 from maildetour.sign.arc import ArcSealError, seal
 from maildetour.sign.dkim import DkimKeyError, DkimSigner, generate_key
-from maildetour.sign.dnsfunc import DnsTemporaryError
+from maildetour.verify.dnsfunc import DnsTemporaryError
 
 NOW = 1_795_440_000.0
 MESSAGE = (

@@ -16,10 +16,10 @@ import dns.resolver
 import dns.rrset
 import pytest
 
+from maildetour.core.hostport import HostPort
 from maildetour.delivery.nexthop import (
     MAX_EXCHANGES,
     DnsTemporary,
-    HostPort,
     NextHopResolver,
     NextHops,
     NoHost,
@@ -56,6 +56,7 @@ class FakeResolver:
 
 
 def resolve(fake: FakeResolver | None, domain: str, **kwargs: object) -> Resolution:
+    kwargs.setdefault("port", 25)
     resolver = NextHopResolver(fake, **kwargs)  # type: ignore[arg-type]
     return asyncio.run(resolver.resolve(domain))
 
@@ -67,20 +68,20 @@ def ips(result: Resolution) -> list[str]:
 
 def test_relay_with_ip_literal_wins_over_mx_and_asks_no_dns() -> None:
     fake = FakeResolver({("gmail.com", "MX"): ["5 gmail-smtp-in.l.google.com."]})
-    result = resolve(fake, "Gmail.COM.", relay={"gmail.com": ("127.0.0.2", 2525)})
+    result = resolve(fake, "Gmail.COM.", relay={"gmail.com": HostPort("127.0.0.2", 2525)})
     assert result == NextHops((HostPort("127.0.0.2", 2525, "127.0.0.2"),))
     assert fake.queries == []
 
 
 def test_relay_ipv6_literal_in_brackets() -> None:
-    result = resolve(None, "example.net", relay={"example.net": ("[::1]", 2526)})
+    result = resolve(None, "example.net", relay={"example.net": HostPort("[::1]", 2526)})
     assert result == NextHops((HostPort("::1", 2526, "::1"),))
 
 
 def test_relay_host_name_is_resolved_by_address_only() -> None:
     fake = FakeResolver({("smart.test", "A"): ["127.0.0.5"], ("smart.test", "AAAA"): ["::1"],
                          ("smart.test", "MX"): ["10 elsewhere.test."]})
-    result = resolve(fake, "example.net", relay={"example.net": ("smart.test", 587)})
+    result = resolve(fake, "example.net", relay={"example.net": HostPort("smart.test", 587)})
     assert result == NextHops((HostPort("127.0.0.5", 587, "smart.test"),
                                HostPort("::1", 587, "smart.test")))
     assert ("smart.test", "MX") not in fake.queries
@@ -98,13 +99,6 @@ def test_mx_hosts_in_preference_order_a_before_aaaa() -> None:
     assert isinstance(result, NextHops)
     assert {h.port for h in result.hosts} == {2500}
     assert result.hosts[0].name == "primary.example.org"
-
-
-def test_default_port_is_25() -> None:
-    fake = FakeResolver({("example.org", "MX"): ["10 mx.example.org."],
-                         ("mx.example.org", "A"): ["127.0.0.10"]})
-    result = resolve(fake, "example.org")
-    assert isinstance(result, NextHops) and result.hosts[0].port == 25
 
 
 def test_equal_preference_is_shuffled_but_never_before_better_preference() -> None:
@@ -185,7 +179,7 @@ def test_only_the_best_exchanges_are_used() -> None:
 
 def test_without_resolver_only_relays_work() -> None:
     assert isinstance(resolve(None, "example.org"), DnsTemporary)
-    assert isinstance(resolve(None, "example.org", relay={"example.org": ("mx.test", 25)}),
+    assert isinstance(resolve(None, "example.org", relay={"example.org": HostPort("mx.test", 25)}),
                       DnsTemporary)
 
 

@@ -11,7 +11,7 @@ from maildetour.pop3.events import (
     CheckLogin, Close, Effect, Expunge, LoginAccepted, LoginInUse, LoginRefused,
     LoginUnavailable, Pop3Message, Send, SendMessage, StartTls)
 from maildetour.pop3.protocol import Pop3Session, State
-from maildetour.pop3.settings import Pop3Settings
+from maildetour.config.model import Pop3Settings
 from maildetour.pop3.throttle import LoginThrottle, client_key
 from maildetour.pop3.wire import MessageEncoder
 

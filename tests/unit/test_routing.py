@@ -26,7 +26,7 @@ to = ["ituki@example.com", "boss@example.com"]
 
 @pytest.fixture
 def table(tmp_path: Path) -> RoutingTable:
-    return RoutingTable.from_config(seed_config(tmp_path, SEED + EXTRA))
+    return seed_config(tmp_path, SEED + EXTRA).routing_table()
 
 
 def go(table: RoutingTable, text: str) -> Accept | Refuse:
@@ -76,7 +76,7 @@ def test_forwards_to_our_own_forwarded_addresses_are_expanded_without_duplicates
 
 
 def test_unknown_user_without_catch_all_is_550_5_1_1(tmp_path: Path) -> None:
-    table = RoutingTable.from_config(seed_config(tmp_path))
+    table = seed_config(tmp_path).routing_table()
     found = go(table, "nobody@example.com")
     assert isinstance(found, Refuse) and found.reply == replies.UNKNOWN_USER
     assert str(found.reply).startswith("550 5.1.1")
@@ -88,9 +88,9 @@ def test_foreign_domains_are_refused_554_5_7_1_no_open_relay(table: RoutingTable
     assert isinstance(found, Refuse) and str(found.reply).startswith("554 5.7.1")
 
 
-def test_the_table_knows_kinds_hidden_addresses_and_detour_chains(table: RoutingTable) -> None:
+def test_the_table_knows_kinds_hidden_destinations_and_detour_chains(table: RoutingTable) -> None:
     assert table.kind("ituki@pc.example.net") == "local"
     assert table.kind("ituki-ex@gmail.com") == "smtp"
     assert table.is_hidden("Ituki-Ex@Gmail.com")
-    assert table.hidden_addresses() == {"ituki-ex@gmail.com"}
+    assert not table.is_hidden("ituki@gm.example.net")
     assert table.detour_chain("ituki-ex@gmail.com") == ("ituki-ex@gmail.com", "ituki@gm.example.net")

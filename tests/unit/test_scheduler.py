@@ -3,11 +3,14 @@
 import asyncio
 from pathlib import Path
 
+from typing import Any
+
+from maildetour.config import Config
 from maildetour.core.outcome import Delivered, Outcome, PermanentFailure, TemporaryFailure
 from maildetour.core.redact import Redactor
-from maildetour.core.routing import RoutingTable
+from maildetour.delivery.bounces import DsnWriter
 from maildetour.delivery.scheduler import Scheduler
-from maildetour.store.records import Event, NewCopy, NewMessage
+from maildetour.store.records import Event, Message, NewCopy
 from tests.configs import SEED, seed_config
 from tests.fakes import MemoryStore, ScriptedAgent
 
@@ -28,24 +31,30 @@ class Clock:
         return self.now
 
 
+def scheduler_for(config: Config, store: MemoryStore, smtp: Any, local: Any, clock: Any,
+                  private: frozenset[str] = frozenset(), max_parallel: int = 200) -> Scheduler:
+    dsn = DsnWriter(store=store, hostname="mx.example.com", redactor=Redactor(private))
+    return Scheduler(store=store, table=config.routing_table(), agents={"smtp": smtp, "local": local},
+                     retry=config.delivery.retry, max_parallel=max_parallel, dsn=dsn, keep_for=None,
+                     clock=clock)
+
+
 def run(tmp_path: Path, smtp: ScriptedAgent, local: ScriptedAgent, copies: list[tuple[str, str]],
         *, sender: str = "alice@sender.example", until: int = 1, text: str = CHAIN) -> MemoryStore:
     """Accept one message with `copies` (recipient, target), run the scheduler until the store
     has `until` finished messages (or 2 s pass), and return the store."""
     config = seed_config(tmp_path, text)
     store, clock = MemoryStore(), Clock()
-    table = RoutingTable.from_config(config)
-    scheduler = Scheduler(store=store, table=table, agents={"smtp": smtp, "local": local},
-                          delivery=config.delivery, hostname="mx.example.com",
-                          redactor=Redactor(frozenset({HIDDEN, "friend@example.org"})), clock=clock)
+    table = config.routing_table()
+    scheduler = scheduler_for(config, store, smtp, local, clock, frozenset({HIDDEN, "friend@example.org"}))
 
     async def main() -> None:
         task = asyncio.create_task(scheduler.run())
-        message = NewMessage("Q1", sender, clock.now, "<m@x>", 10, "client [127.0.0.1]")
+        message = Message("Q1", sender, clock.now, "<m@x>", 10, "client [127.0.0.1]")
         new = [NewCopy(r, t, table.is_hidden(t)) for r, t in copies]
         made = await store.accept(message, b"Subject: hi\r\n\r\nbody\r\n", new,
                                   [Event(clock.now, "Q1", None, "accepted", "", "")])
-        scheduler.submit(made, b"Subject: hi\r\n\r\nbody\r\n")
+        scheduler.submit(made)
         for _ in range(200):
             await asyncio.sleep(0.01)
             if len(store.finished) >= until:
@@ -116,12 +125,10 @@ def test_at_start_up_unfinished_copies_are_delivered_again(tmp_path: Path) -> No
     smtp, local = ScriptedAgent(ok), ScriptedAgent(ok)
 
     async def main() -> None:
-        made = await store.accept(NewMessage("Q0", "a@b.example", 5.0, "", 1, "c"), b"x\r\n",
+        made = await store.accept(Message("Q0", "a@b.example", 5.0, "", 1, "c"), b"x\r\n",
                                   [NewCopy("ituki@example.com", HIDDEN, True)], [])
         assert made[0].state == "queued"
-        scheduler = Scheduler(store=store, table=RoutingTable.from_config(config),
-                              agents={"smtp": smtp, "local": local}, delivery=config.delivery,
-                              hostname="mx.example.com", redactor=Redactor(frozenset()), clock=Clock())
+        scheduler = scheduler_for(config, store, smtp, local, Clock())
         task = asyncio.create_task(scheduler.run())
         for _ in range(100):
             await asyncio.sleep(0.01)
@@ -134,16 +141,16 @@ def test_at_start_up_unfinished_copies_are_delivered_again(tmp_path: Path) -> No
     assert store.finished == ["Q0"]
 
 
-def test_a_large_backlog_is_worked_off_with_bounded_parallel_attempts(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import maildetour.delivery.scheduler as scheduler_module
-
-    monkeypatch.setattr(scheduler_module, "MAX_PARALLEL_ATTEMPTS", 3)
+def test_a_large_backlog_is_worked_off_with_bounded_parallel_attempts(tmp_path: Path) -> None:
     config = seed_config(tmp_path, CHAIN)
     store = MemoryStore()
 
     class Slow:
         def __init__(self) -> None:
             self.now = self.peak = self.done = 0
+
+        def batch_key(self, target: str) -> str:
+            return ""
 
         async def deliver(self, job):  # type: ignore[no-untyped-def]
             self.now += 1
@@ -160,11 +167,9 @@ def test_a_large_backlog_is_worked_off_with_bounded_parallel_attempts(tmp_path: 
 
     async def main() -> None:
         for i in range(60):
-            await store.accept(NewMessage(f"Q{i:03}", "a@b.example", 5.0, "", 1, "c"), b"x\r\n",
+            await store.accept(Message(f"Q{i:03}", "a@b.example", 5.0, "", 1, "c"), b"x\r\n",
                                [NewCopy("ituki@example.com", HIDDEN, True)], [])
-        scheduler = Scheduler(store=store, table=RoutingTable.from_config(config),
-                              agents={"smtp": slow, "local": slow}, delivery=config.delivery,
-                              hostname="mx.example.com", redactor=Redactor(frozenset()), clock=Clock())
+        scheduler = scheduler_for(config, store, slow, slow, Clock(), max_parallel=3)
         task = asyncio.create_task(scheduler.run())
         for _ in range(500):
             await asyncio.sleep(0.01)
@@ -175,3 +180,61 @@ def test_a_large_backlog_is_worked_off_with_bounded_parallel_attempts(tmp_path: 
     asyncio.run(main())
     assert slow.done == 60 and len(store.finished) == 60
     assert slow.peak <= 3
+
+
+def test_a_late_report_about_a_delivered_hidden_copy_sends_it_down_its_detour(tmp_path: Path) -> None:
+    config = seed_config(tmp_path, CHAIN)
+    store, clock = MemoryStore(), Clock()
+    smtp, local = ScriptedAgent(ok), ScriptedAgent(ok)
+    scheduler = scheduler_for(config, store, smtp, local, clock)
+
+    async def main() -> None:
+        task = asyncio.create_task(scheduler.run())
+        [made] = await store.accept(Message("Q1", "a@b.example", clock.now, "", 1, "c"), b"x\r\n",
+                                    [NewCopy("ituki@example.com", HIDDEN, True)], [])
+        scheduler.submit([made])
+        while store.copies[made.id].state != "delivered":
+            await asyncio.sleep(0.01)
+        late = PermanentFailure("late bounce Q9: 5.7.1 spam", 550, "5.7.1")
+        await scheduler.report(store.copies[made.id], late)
+        await scheduler.report(store.copies[made.id], late)  # a second report about it changes nothing
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if store.copies[made.id].state == "delivered" and store.copies[made.id].target == DETOUR:
+                break
+        task.cancel()
+
+    asyncio.run(main())
+    assert store.kinds("Q1") == [("delivered", HIDDEN), ("refused", HIDDEN), ("detoured", DETOUR),
+                                 ("delivered", DETOUR)]
+    assert [j.recipients for j in local.jobs] == [(DETOUR,)]
+
+
+def test_a_copy_the_operator_holds_during_its_attempt_is_not_scheduled_again(tmp_path: Path) -> None:
+    config = seed_config(tmp_path, CHAIN)
+    store, clock = MemoryStore(), Clock()
+
+    class HoldsMidway(ScriptedAgent):
+        async def deliver(self, job):  # type: ignore[no-untyped-def]
+            await store.hold(job.queue_id, clock.now)  # the operator, while the attempt runs
+            return await super().deliver(job)
+
+    smtp = HoldsMidway(lambda r, n: TemporaryFailure("451 4.3.0 later"))
+    scheduler = scheduler_for(config, store, smtp, ScriptedAgent(ok), clock)
+
+    async def main() -> None:
+        task = asyncio.create_task(scheduler.run())
+        made = await store.accept(Message("Q1", "a@b.example", clock.now, "", 1, "c"), b"x\r\n",
+                                  [NewCopy("ituki@example.com", HIDDEN, True)], [])
+        scheduler.submit(made)
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        scheduler.flush()  # a flush tries every queued copy: the held one is not among them
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    asyncio.run(main())
+    assert len(smtp.jobs) == 1
+    [copy] = store.copies.values()
+    assert copy.state == "held"

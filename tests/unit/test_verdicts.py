@@ -16,8 +16,8 @@ import dns.rrset
 import pytest
 
 from maildetour.sign.dkim import DkimSigner, generate_key
-from maildetour.sign.dnsfunc import DnsLookup, DnsTemporaryError
-from maildetour.sign.verdicts import Verdicts, check, strip_our_results
+from maildetour.verify.dnsfunc import DnsLookup, DnsTemporaryError
+from maildetour.verify.verdicts import Verdicts, check
 
 OURS = "mx.fwd.example"
 SENDER_IP = "192.0.2.10"
@@ -203,50 +203,13 @@ def test_field_is_folded_and_unfolds_to_the_value(sender_keys: dict[str, tuple[b
     assert unfolded == verdicts.authentication_results
 
 
-# -- strip_our_results ------------------------------------------------------------------------
-
-
-def test_strip_removes_only_fields_claiming_our_id_and_keeps_all_other_bytes() -> None:
-    head = (
-        b"Received: from x by y; Mon, 23 Nov 2026 12:00:00 +0000\r\n"
-        b"Authentication-Results: MX.Fwd.Example;\r\n\tdkim=pass header.d=bank.example\r\n"
-        b"authentication-results:mx.fwd.example; spf=pass\r\n"
-        b"Authentication-Results: (forged) mx.fwd.example 1; dmarc=pass\r\n"
-        b"Authentication-Results: mx.fwd.example.evil; spf=pass\r\n"
-        b"Authentication-Results: mx.other.example; dkim=fail\r\n"
-        b"ARC-Authentication-Results: i=1; mx.fwd.example; spf=pass\r\n"
-        b"Subject: x  \r\n"
-        b"\r\n"
-    )
-    body = b"Authentication-Results: mx.fwd.example; spf=pass\r\nbody\r\n"
-    stripped = strip_our_results(head + body, OURS)
-    assert stripped == (
-        b"Received: from x by y; Mon, 23 Nov 2026 12:00:00 +0000\r\n"
-        b"Authentication-Results: mx.fwd.example.evil; spf=pass\r\n"
-        b"Authentication-Results: mx.other.example; dkim=fail\r\n"
-        b"ARC-Authentication-Results: i=1; mx.fwd.example; spf=pass\r\n"
-        b"Subject: x  \r\n"
-        b"\r\n"
-    ) + body
-
-
-def test_strip_handles_an_id_on_a_continuation_line_and_lf_messages() -> None:
-    data = b"Authentication-Results:\n mx.fwd.example; spf=pass\nSubject: y\n\nbody\n"
-    assert strip_our_results(data, OURS) == b"Subject: y\n\nbody\n"
-
-
-def test_strip_leaves_a_message_without_our_results_byte_for_byte() -> None:
-    data = MESSAGE + b"\r\nbare\rcr and trailing"
-    assert strip_our_results(data, OURS) == data
-
-
 # -- the DNS adapter given to dkimpy and authheaders ------------------------------------------
 
 
 def test_dns_adapter_returns_joined_txt_as_bytes_and_str() -> None:
     long_text = "v=DKIM1; k=rsa; p=" + "A" * 400  # served as two character-strings
     resolver = ZoneResolver({("s._domainkey.d.example", "TXT"): [long_text]})
-    lookup = DnsLookup(resolver)
+    lookup = DnsLookup(resolver, timeout=5.0)
     assert lookup(b"s._domainkey.d.example.", timeout=5) == long_text.encode()
     assert lookup.text("s._domainkey.d.example") == long_text
     assert lookup(b"missing.d.example.") is None
@@ -255,7 +218,7 @@ def test_dns_adapter_returns_joined_txt_as_bytes_and_str() -> None:
 
 def test_dns_adapter_prefers_the_tagged_record_among_several() -> None:
     resolver = ZoneResolver({("_dmarc.d.example", "TXT"): ["site-verification=xyz", "v=DMARC1; p=none"]})
-    assert DnsLookup(resolver).text("_dmarc.d.example") == "v=DMARC1; p=none"
+    assert DnsLookup(resolver, timeout=5.0).text("_dmarc.d.example") == "v=DMARC1; p=none"
 
 
 def test_dns_adapter_turns_timeouts_and_a_spent_budget_into_temporary_errors(
@@ -263,6 +226,6 @@ def test_dns_adapter_turns_timeouts_and_a_spent_budget_into_temporary_errors(
 ) -> None:
     with pytest.raises(DnsTemporaryError):
         DnsLookup(silent_dns, timeout=0.2)(b"x.example.")
-    spent = DnsLookup(ZoneResolver({}), deadline=time.monotonic() - 1)
+    spent = DnsLookup(ZoneResolver({}), timeout=5.0, deadline=time.monotonic() - 1)
     with pytest.raises(DnsTemporaryError):
         spent.records("x.example", "TXT")

@@ -31,9 +31,6 @@ import dns.resolver
 
 __all__ = ["DnsLookup", "DnsTemporaryError"]
 
-DEFAULT_TIMEOUT = 5.0  # seconds for one query when the caller does not say
-
-
 class DnsTemporaryError(dns.exception.DNSException):
     """The answer could not be had now (timeout, SERVFAIL, time budget spent)."""
 
@@ -43,11 +40,12 @@ class DnsTemporaryError(dns.exception.DNSException):
 
 @dataclass(frozen=True, slots=True)
 class DnsLookup:
-    """Lookups through `resolver`; each query gets at most `timeout` seconds and none starts
-    after `deadline` (a `time.monotonic()` value, or None for no overall limit)."""
+    """Lookups through `resolver`; each query gets at most `timeout` seconds (the config's
+    `checks.timeout`) and none starts after `deadline` (a `time.monotonic()` value, or None
+    for no overall limit)."""
 
     resolver: dns.resolver.Resolver
-    timeout: float = DEFAULT_TIMEOUT
+    timeout: float
     deadline: float | None = None
 
     @classmethod

@@ -4,9 +4,8 @@ What it does: `check` evaluates a received message — SPF for the connecting IP
 (pyspf, or the HELO identity for a null sender), every DKIM signature (dkimpy, up to
 `MAX_SIGNATURES`), DMARC for the From domain (authheaders, fed our SPF result and the best
 passing DKIM result) — and returns `Verdicts` with one result word each and the
-Authentication-Results value under our authserv-id. `strip_our_results` removes incoming
-Authentication-Results fields that claim our authserv-id (RFC 8601 section 5) before ours is
-added, leaving every other byte as it was.
+Authentication-Results value under our authserv-id. (Incoming fields that claim our
+authserv-id are removed before ours is added: `core.authres.strip_our_results`.)
 
 Contract: every DNS query goes through the injected dnspython resolver (never a library's
 default resolver: pyspf's module-level DNSLookup is bypassed by overriding `query.dns`,
@@ -27,12 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import re
 from dataclasses import dataclass
 from email.utils import getaddresses
 
 import dkim
-from dkim.util import parse_tag_value
 import dns.rdata
 import dns.resolver
 import spf
@@ -41,10 +38,11 @@ from authheaders.dmarc_lookup import get_org_domain
 from authres import AuthenticationResultsHeader, DKIMAuthenticationResult, SPFAuthenticationResult
 from authres.core import AuthenticationResult
 from authres.dmarc import DMARCAuthenticationResult
+from dkim.util import parse_tag_value
 
-from maildetour.sign.dnsfunc import DnsLookup, DnsTemporaryError
+from maildetour.verify.dnsfunc import DnsLookup, DnsTemporaryError
 
-__all__ = ["MAX_SIGNATURES", "Verdicts", "check", "strip_our_results"]
+__all__ = ["MAX_SIGNATURES", "Verdicts", "check"]
 
 MAX_SIGNATURES = 5  # DKIM signatures verified per message; more cost DNS and CPU for nothing
 _DKIM_ORDER = ("pass", "temperror", "fail", "permerror", "none")
@@ -272,42 +270,3 @@ def _aligned(results: list[DKIMAuthenticationResult], from_domain: str) -> DKIMA
     except Exception:
         pass
     return passing[0] if passing else None
-
-
-# -- stripping forged results -----------------------------------------------------------------
-
-_AR_NAME = re.compile(rb"^authentication-results[ \t]*:", re.IGNORECASE)
-_COMMENT = re.compile(rb"^\s*(\([^()]*\)\s*)*")
-
-
-def strip_our_results(data: bytes, authserv_id: str) -> bytes:
-    """`data` without the Authentication-Results fields whose authserv-id is ours (any case);
-    every other byte, including line endings and the body, is kept exactly."""
-    ours = authserv_id.strip().lower().encode("utf-8")
-    lines = re.split(rb"(?<=\n)", data)
-    kept: list[bytes] = []
-    dropping = False
-    for position, line in enumerate(lines):
-        if line in (b"\r\n", b"\n", b""):  # end of the header section: the rest as it is
-            kept.extend(lines[position:])
-            break
-        if line[:1] in (b" ", b"\t"):  # continuation of the field before
-            if not dropping:
-                kept.append(line)
-            continue
-        dropping = bool(_AR_NAME.match(line)) and _claims(line, lines[position + 1 :], ours)
-        if not dropping:
-            kept.append(line)
-    return b"".join(kept)
-
-
-def _claims(first: bytes, following: list[bytes], ours: bytes) -> bool:
-    """Whether the Authentication-Results field starting at `first` names `ours`."""
-    value = first.partition(b":")[2]
-    for line in following:  # unfold: the authserv-id may sit on a continuation line
-        if line[:1] not in (b" ", b"\t"):
-            break
-        value += line
-    value = _COMMENT.sub(b"", value.replace(b"\r", b" ").replace(b"\n", b" "), count=1)
-    token = re.split(rb"[\s;(]", value.strip(), maxsplit=1)[0]
-    return token.lower() == ours
