@@ -1,10 +1,11 @@
 """The one place that wires things: config in, running server out.
 
 Internal. `build` makes every part from the config — store, routing table, redactor, delivery
-agents (with the screening and signing agents in front of SMTP), scheduler, bounces, the SMTP
-session factory — and `App.run` starts the listeners and runs the parts in one TaskGroup on one
-event loop until SIGTERM/SIGINT (or `stop()`). SIGUSR1 flushes the queue, SIGUSR2 reads it
-again (`maildetour queue`). Config, clock and resolvers are passed in; no globals.
+agents (SMTP with the screening, SRS and signing agents in front of it; local Maildir; IMAP
+APPEND), scheduler, bounces, the SMTP session factory — and `App.run` starts the listeners and
+runs the parts in one TaskGroup on one event loop until SIGTERM/SIGINT (or `stop()`). SIGUSR1
+flushes the queue, SIGUSR2 reads it again (`maildetour queue`). Config, clock and resolvers
+are passed in; no globals.
 """
 
 from __future__ import annotations
@@ -22,21 +23,23 @@ import dns.asyncresolver
 import dns.resolver
 
 from maildetour.config import ConfigError
-from maildetour.config.model import Config
+from maildetour.config.model import IMAP_KEEPALIVE, Config
 from maildetour.core.destinations import detour_chain
 from maildetour.core.redact import Redactor
 from maildetour.core.routing import Kind
 from maildetour.delivery.base import Agent
 from maildetour.delivery.bounces import DsnWriter, LateBounces
+from maildetour.delivery.imap_out import ImapAgent
 from maildetour.delivery.local import LocalAgent
 from maildetour.delivery.nexthop import NextHopResolver
 from maildetour.delivery.scheduler import Scheduler
 from maildetour.delivery.screen import ScreeningAgent
-from maildetour.delivery.signing import SigningAgent, SigningKeys, load_keys
+from maildetour.delivery.signing import SigningAgent, SigningKeys, SrsAgent, load_keys, load_srs
 from maildetour.delivery.smtp_out import SmtpAgent
 from maildetour.inbound.handler import Checks, Handler, InboundLimits
 from maildetour.inbound.server import SessionFactory, start_smtp
 from maildetour.pop3.server import Pop3Account, Pop3Server, start_pop3
+from maildetour.sign.srs import SrsCodec
 from maildetour.store.sqlite import SqliteStore
 from maildetour.verify.dnsfunc import DnsLookup
 
@@ -62,10 +65,11 @@ def make_resolvers(config: Config) -> tuple[dns.asyncresolver.Resolver, dns.reso
 
 
 def private_addresses(config: Config) -> frozenset[str]:
-    """Every forward target and configured destination, and every step of their detour
-    chains: none of them may reach a sender."""
+    """Every forward target and configured destination, every step of their detour chains and
+    every IMAP account's user name: none of them may reach a sender."""
     starts = set(config.destinations) | {target for rule in config.forwards for target in rule.to}
-    return frozenset(step for start in starts for step in detour_chain(config.destinations, start).steps)
+    steps = {step for start in starts for step in detour_chain(config.destinations, start).targets}
+    return frozenset({step for step in steps if "@" in step} | {account.user for account in config.imap.values()})
 
 
 def server_tls(cert: object, key: object) -> ssl.SSLContext | None:
@@ -77,22 +81,35 @@ def server_tls(cert: object, key: object) -> ssl.SSLContext | None:
 
 
 def signing_keys(config: Config) -> SigningKeys | None:
-    """The [signing] files read; a problem with them is a ConfigError naming the key."""
+    """The [signing] key files read; a problem with them is a ConfigError naming the key."""
     signing = config.signing
     if signing is None:
         return None
     try:
         return load_keys(signing)
     except OSError as exc:
-        which = "srs_secret_file" if exc.filename == str(signing.srs_secret_file) else "dkim_key"
+        which = "ed25519_key" if exc.filename == str(signing.ed25519_key) else "dkim_key"
         raise ConfigError(f"signing.{which}", f"{exc.filename}: {exc.strerror}") from None
     except ValueError as exc:
         raise ConfigError("signing", str(exc)) from None
 
 
+def srs_codec(config: Config, *, create: bool) -> SrsCodec | None:
+    """The SRS codec; with `create`, a secret of our own is made if it is missing (the first
+    start). Without, a missing secret of our own is fine (the server will make it) and None is
+    returned. A configured secret file that is missing or empty is a ConfigError."""
+    if config.srs is None or (not create and config.srs.made_here and not config.srs.secret_file.exists()):
+        return None
+    try:
+        return load_srs(config.srs, create=create)
+    except (OSError, ValueError) as exc:
+        raise ConfigError("srs.secret_file", str(exc)) from None
+
+
 def validate(config: Config) -> None:
     """What only reading the files can tell: keys, secrets, certificates. Raises ConfigError."""
     signing_keys(config)
+    srs_codec(config, create=False)
     for table, cert, tls_key in (("smtp", config.smtp.tls_cert, config.smtp.tls_key),
                                  ("pop3", config.pop3.tls_cert, config.pop3.tls_key)):
         try:
@@ -119,6 +136,7 @@ def build(config: Config, clock: Callable[[], float]) -> Parts:
     async_resolver, sync_resolver = make_resolvers(config)
     authserv_id = config.checks.authserv_id
     keys = signing_keys(config)
+    srs = srs_codec(config, create=True)
     checks = Checks(authserv_id, sync_resolver, config.checks.timeout) if config.checks.inbound else None
     store = SqliteStore(config.queue_db, config.spool_dir, config.audit_log,
                         cache_bytes=delivery.message_cache, cache_seconds=delivery.message_cache_seconds)
@@ -130,20 +148,24 @@ def build(config: Config, clock: Callable[[], float]) -> Parts:
     if keys is not None:
         smtp = SigningAgent(smtp, keys=keys, authserv_id=authserv_id, clock=clock,
                             dnsfunc=DnsLookup(sync_resolver, timeout=config.checks.timeout))
+    if srs is not None:
+        smtp = SrsAgent(smtp, srs=srs, clock=clock)
     if checks is not None and any(d.skip_when for d in config.destinations.values()):
         smtp = ScreeningAgent(smtp, destinations=table.destinations, authserv_id=authserv_id)
     agents: dict[Kind, Agent] = {"smtp": smtp, "local": LocalAgent(config.mailbox_dir)}
+    if config.imap:
+        agents["imap"] = ImapAgent(config.imap, keepalive=IMAP_KEEPALIVE)
     dsn = DsnWriter(store=store, hostname=config.server.hostname, redactor=Redactor(private_addresses(config)))
     scheduler = Scheduler(store=store, table=table, agents=agents, retry=delivery.retry,
                           max_parallel=delivery.max_parallel_attempts, dsn=dsn, clock=clock,
-                          keep_for=delivery.late_bounce_window if keys is not None else None)
+                          keep_for=delivery.late_bounce_window if srs is not None else None)
     late_bounces = LateBounces(store=store, hostname=config.server.hostname, report=scheduler.report,
                                purge_interval=delivery.purge_interval, clock=clock)
     handler = Handler(
         table=table, store=store, hostname=config.server.hostname,
         limits=InboundLimits(config.smtp.max_recipients, config.smtp.max_received),
         on_accepted=scheduler.submit, clock=clock, checks=checks,
-        srs=keys.srs if keys is not None else None, on_late_bounce=late_bounces.receive,
+        srs=srs, on_late_bounce=late_bounces.receive,
         authserv_id=authserv_id if keys is not None else None,
     )
     sessions = SessionFactory(

@@ -9,13 +9,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from maildetour import commands
+from maildetour import __version__, commands
 from maildetour.config import ConfigError, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maildetour", description=(
         "Forward mail at once; detour refused copies instead of bouncing; never reveal hidden addresses."))
+    parser.add_argument("--version", action="version", version=f"maildetour {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(name: str, text: str) -> argparse.ArgumentParser:
@@ -36,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
                                                               "copies again (to their last target), then flush")
     action.add_argument("--hold", metavar="QUEUE_ID", help="hold a message's queued copies until released")
     action.add_argument("--delete", metavar="QUEUE_ID", help="delete a message's undelivered copies")
+    imap = sub.add_parser("imap", help="IMAP accounts of detour steps")
+    imap_test = imap.add_subparsers(dest="imap_command", required=True).add_parser(
+        "test", help="log in to [imap.NAME], check its folder, append nothing; one line says how it went")
+    imap_test.add_argument("--config", "-c", type=Path, required=True, help="the TOML config file")
+    imap_test.add_argument("name", help="the account's NAME, as in detour = [\"imap:NAME\"]")
     sub.add_parser("passwd", help="read a password and print its scrypt$ hash for password_hash")
     dkim = sub.add_parser("dkim", help="DKIM key management")
     dkim_sub = dkim.add_subparsers(dest="dkim_command", required=True)
@@ -67,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                 return commands.check(config)
             case "dkim":
                 return commands.dkim_keygen(config, args.bits)
+            case "imap":
+                return commands.imap_test(config, args.name)
             case "route":
                 return commands.route(config, args.address)
             case "trace":

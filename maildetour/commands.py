@@ -13,7 +13,6 @@ import asyncio
 import getpass
 import logging
 import os
-import secrets
 import signal
 import sys
 import time
@@ -26,6 +25,7 @@ from maildetour.config.model import Config
 from maildetour.core.address import AddressError, parse_address
 from maildetour.core.password import hash_password
 from maildetour.core.routing import route as route_address
+from maildetour.sign.srs import make_secret_file
 from maildetour.store.records import CopyState
 from maildetour.store.sqlite import SqliteStore
 
@@ -61,7 +61,7 @@ def route(config: Config, text: str) -> int:
     if isinstance(parsed, AddressError):
         return _fail(f"{text!r} is not an address we accept: {parsed.reason}")
     table = config.routing_table()
-    print(report.route_story(table, route_address(table, parsed)))
+    print(report.route_story(table, route_address(table, parsed), config.imap))
     return 0
 
 
@@ -147,6 +147,20 @@ def _server_pid(config: Config) -> int | None:
     return pid if b"maildetour" in cmdline else None
 
 
+def imap_test(config: Config, name: str) -> int:
+    """`maildetour imap test NAME`: one line, exit 0 when the account works."""
+    from maildetour.delivery.imap_out import probe
+
+    account = config.imap.get(name.removeprefix("imap:"))
+    if account is None:
+        return _fail(f"no [imap.\"{name}\"] in {config.path}")
+    ok, line = asyncio.run(probe(account))
+    if not ok:
+        return _fail(f"imap:{account.name}: {line}")
+    print(f"imap:{account.name}: {line}")
+    return 0
+
+
 # --- secrets -----------------------------------------------------------------------------------
 def passwd() -> int:
     if sys.stdin.isatty():
@@ -172,10 +186,8 @@ def dkim_keygen(config: Config, bits: int) -> int:
     except FileExistsError:
         return _fail(f"{signing.dkim_key} exists; not overwriting a key")
     print(f"wrote {signing.dkim_key}")
-    if not signing.srs_secret_file.exists():
-        signing.srs_secret_file.touch(mode=0o600)
-        signing.srs_secret_file.write_text(secrets.token_urlsafe(32) + "\n")
-        print(f"wrote {signing.srs_secret_file} (SRS secret; add new lines on top to rotate)")
+    if config.srs is not None and not config.srs.made_here and make_secret_file(config.srs.secret_file):
+        print(f"wrote {config.srs.secret_file} (SRS secret; see docs/operations.md to rotate it)")
     # Zone files take TXT data as strings of at most 255 characters each.
     chunks = " ".join(f'"{record[i:i + 250]}"' for i in range(0, len(record), 250))
     print(f"publish in DNS:\n{signing.selector}._domainkey.{signing.domain}. IN TXT ( {chunks} )")

@@ -9,9 +9,10 @@ to a sender.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Sequence
+from typing import Mapping, Sequence
 
-from maildetour.config.model import Config
+from maildetour.config.model import Config, ImapAccount
+from maildetour.core.destinations import IMAP_PREFIX, detour_chain, is_imap
 from maildetour.core.routing import Accept, Route, RoutingTable
 from maildetour.store.records import Copy, Story
 
@@ -20,20 +21,28 @@ def _when(at: float) -> str:
     return datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
 
 
-def describe_target(table: RoutingTable, target: str) -> str:
-    """`ituki-ex@gmail.com (smtp, hidden) -> detour ituki@gm.example.net (local mailbox)`."""
+def describe_target(table: RoutingTable, target: str, imap: Mapping[str, ImapAccount]) -> str:
+    """`ituki-ex@gmail.com (smtp, hidden, detour after 600s of 4xx) -> detour imap:gmail (...)`:
+    every step of the target's detour chain, what it is, and when the copy moves on."""
+    chain = detour_chain(table.destinations, target)
+    hidden = False
     parts = []
-    for i, hop in enumerate(table.detour_chain(target)):
-        kind = "local mailbox" if table.kind(hop) == "local" else "smtp"
-        flags = ", hidden" if table.is_hidden(hop) else ""
-        dest = table.destinations.get(hop)
-        after = f", detour after {dest.detour_after:g}s of 4xx" if dest and dest.detour else ""
-        parts.append(("" if i == 0 else "detour ") + f"{hop} ({kind}{flags}{after})")
+    for i, step in enumerate(chain.steps):
+        hidden = hidden or table.is_hidden(step.target)
+        kind = {"local": "local mailbox", "smtp": "smtp", "imap": "imap"}[table.kind(step.target)]
+        account = imap.get(step.target.removeprefix(IMAP_PREFIX)) if is_imap(step.target) else None
+        if account is not None:
+            kind += f" {account.user} at {account.host}:{account.port} {account.folder}"
+        flags = ", hidden" if table.is_hidden(step.target) else ""
+        after = f", detour after {step.deadline:g}s of 4xx" if step.deadline is not None else ""
+        parts.append(("" if i == 0 else "detour ") + f"{step.target} ({kind}{flags}{after})")
     text = " -> ".join(parts)
-    if table.is_hidden(target) and len(parts) == 1:
+    if hidden and len(parts) == 1:
         text += " -> refused copies are quarantined (no detour configured)"
+    elif hidden:
+        text += " -> quarantine if the last step refuses too (4xx there: retried until delivered)"
     elif len(parts) > 1:
-        text += " -> quarantine if the last one fails too"
+        text += " -> a private DSN if the last step refuses too"
     return text
 
 
@@ -46,24 +55,34 @@ def routing_table(config: Config) -> str:
     lines += ["", "forwards (first match wins: exact, mailbox, plus-address, catch-all):"]
     for rule in config.forwards:
         lines.append(f"  {rule.pattern}")
-        lines += [f"    -> {describe_target(table, target)}" for target in rule.to]
+        lines += [f"    -> {describe_target(table, target, config.imap)}" for target in rule.to]
     if not config.forwards:
         lines.append("  (none)")
     lines += ["", "destinations:"]
     for address, dest in sorted(config.destinations.items()):
-        lines.append(f"  {describe_target(table, address)}")
+        lines.append(f"  {describe_target(table, address, config.imap)}")
     if not config.destinations:
         lines.append("  (none)")
+    lines += ["", "imap accounts:"]
+    lines += [f"  imap:{name}  {a.user} at {a.host}:{a.port} ({a.tls} TLS), folder {a.folder}, auth {a.auth}"
+              for name, a in sorted(config.imap.items())] or ["  (none)"]
     relay = config.delivery.relay
     lines += ["", "next hops: " + (", ".join(f"{d} -> {hp}" for d, hp in sorted(relay.items())) or "")
               + ("; " if relay else "") + "others by MX lookup"]
+    srs = config.srs
+    if srs is None:
+        lines.append("srs: off (no domain to rewrite senders to)")
+    else:
+        made = ", made at the first start" if srs.made_here and not srs.secret_file.exists() else ""
+        lines.append(f"srs: on, every copy that leaves by SMTP has an SRS sender at {srs.domain} "
+                     f"(secret {srs.secret_file}{made})")
     return "\n".join(lines)
 
 
-def route_story(table: RoutingTable, found: Route) -> str:
+def route_story(table: RoutingTable, found: Route, imap: Mapping[str, ImapAccount]) -> str:
     if isinstance(found, Accept):
         lines = [f"{found.recipient}: accepted ({found.why})"]
-        lines += [f"  -> {describe_target(table, t)}" for t in found.targets]
+        lines += [f"  -> {describe_target(table, t, imap)}" for t in found.targets]
         return "\n".join(lines)
     return f"refused at RCPT with \"{found.reply}\" ({found.why})"
 

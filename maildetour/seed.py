@@ -18,6 +18,7 @@ SMTP_LISTEN = '"127.0.0.1:2525"'
 POP3_TABLE = '[pop3]\nlisten = ["127.0.0.1:1100"]\n'
 RELAY = 'relay = { "gmail.com" = "127.0.0.2:2525" }\n'
 DETOUR_AFTER = 'detour_after = "10m"'
+DETOUR = 'detour       = "ituki@gm.example.net"'
 
 
 def seed_text() -> str:
@@ -26,10 +27,11 @@ def seed_text() -> str:
 
 def adapt(text: str, *, smtp: str | None = None, pop3: str | None = "127.0.0.1:1100",
           relay: str | None = None, delivery_extra: str = "", detour_after: str | None = None,
-          extra: str = "") -> str:
+          detour: str | None = None, extra: str = "") -> str:
     """The seed with SMTP on `smtp`, POP3 on `pop3` (None: no POP3), `relay` as the inner
-    text of `[delivery] relay = { ... }`, `delivery_extra` lines in `[delivery]`, and `extra`
-    (whole tables) at the end."""
+    text of `[delivery] relay = { ... }`, `delivery_extra` lines in `[delivery]`, the hidden
+    destination's `detour` value (TOML, e.g. '["imap:gmail", "ituki@gm.example.net"]'), and
+    `extra` (whole tables) at the end."""
     def swap(old: str, new: str) -> None:
         nonlocal text
         if old not in text:
@@ -45,6 +47,8 @@ def adapt(text: str, *, smtp: str | None = None, pop3: str | None = "127.0.0.1:1
     if relay is not None or delivery_extra:
         line = RELAY if relay is None else f"relay = {{ {relay} }}\n"
         swap(RELAY, line + (delivery_extra.rstrip("\n") + "\n" if delivery_extra else ""))
+    if detour is not None:
+        swap(DETOUR, f"detour       = {detour}")
     if detour_after is not None:
         swap(DETOUR_AFTER, f'detour_after = "{detour_after}"')
     return text + extra

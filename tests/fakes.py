@@ -31,8 +31,8 @@ class MemoryStore:
         self.events += events
         made = []
         for c in copies:
-            copy = Copy(self._next, message.queue_id, message.mail_from, c.recipient, c.target,
-                        c.hidden_origin, c.state, 0, message.received_at, None, 0, message.received_at)
+            copy = Copy(self._next, message.queue_id, message.mail_from, c.recipient, c.target, c.target,
+                        c.hidden, c.state, 0, message.received_at, None, 0, message.received_at)
             self._next += 1
             self.copies[copy.id] = copy
             made.append(copy)

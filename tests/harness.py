@@ -27,13 +27,13 @@ EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 
 def seed_text(*, smtp_port: int, pop3_port: int | None, gmail: str, extra: str = "",
               dns: str = "127.0.0.1:9", detour_after: str = "10m", delivery_extra: str = "",
-              sender_sink: str | None = None) -> str:
+              sender_sink: str | None = None, detour: str | None = None) -> str:
     """The seed config on the given ports. `dns` defaults to a dead loopback port so nothing
     ever asks a real resolver; `sender_sink` receives mail for sender.example (bounces)."""
     relays = f'"gmail.com" = "{gmail}"' + (f', "sender.example" = "{sender_sink}"' if sender_sink else "")
     return seed(smtp=f"127.0.0.1:{smtp_port}", pop3=f"127.0.0.1:{pop3_port}" if pop3_port else None,
                 relay=relays, delivery_extra=f'dns_servers = ["{dns}"]\n{delivery_extra}',
-                detour_after=detour_after, extra=extra)
+                detour_after=detour_after, detour=detour, extra=extra)
 
 
 def message(subject: str, *, sender: str = "alice@sender.example", to: str = "ituki@example.com",
@@ -43,6 +43,31 @@ def message(subject: str, *, sender: str = "alice@sender.example", to: str = "it
             f"Message-ID: <{subject.replace(' ', '-')}@sender.example>\r\n{extra_headers}"
             "MIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n")
     return head.encode() + body
+
+
+def late_dsn(*, to: str, reporter: str, final_recipient: str, returned: bytes, marker: str) -> bytes:
+    """An RFC 3464 report as a remote MTA sends it later: returned headers attached."""
+    headers = returned.split(b"\r\n\r\n", 1)[0].decode()
+    return (
+        f"From: Mail Delivery Subsystem <mailer-daemon@{reporter}>\r\n"
+        f"To: {to}\r\n"
+        f"Subject: Delivery Status Notification (Failure) {marker}\r\n"
+        f"Message-ID: <{marker}@{reporter}>\r\n"
+        "MIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="b0und"\r\n'
+        "\r\n"
+        "--b0und\r\nContent-Type: text/plain\r\n\r\n"
+        f"Your message was not delivered: {marker}.\r\n"
+        "--b0und\r\nContent-Type: message/delivery-status\r\n\r\n"
+        f"Reporting-MTA: dns; mx.{reporter}\r\n\r\n"
+        f"Final-Recipient: rfc822; {final_recipient}\r\n"
+        "Action: failed\r\n"
+        "Status: 5.7.1\r\n"
+        f"Diagnostic-Code: smtp; 550 5.7.1 {marker} refused after acceptance\r\n"
+        "\r\n--b0und\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        f"{headers}\r\n"
+        "--b0und--\r\n"
+    ).encode()
 
 
 @dataclass

@@ -13,16 +13,22 @@ from typing import Any, Callable
 
 from maildetour.config.model import (
     DEFAULT_DETOUR_AFTER,
+    IMAP_CONNECTIONS,
+    IMAP_PORTS,
+    IMAP_TIMEOUT,
+    SRS_SECRET_NAME,
     ChecksConfig,
     Config,
     DeliveryConfig,
     Forward,
+    ImapAccount,
     Mailbox,
     Pop3Config,
     Pop3Settings,
     ServerConfig,
     SigningConfig,
     SmtpConfig,
+    SrsConfig,
 )
 from maildetour.config.reader import (
     ConfigError,
@@ -33,7 +39,7 @@ from maildetour.config.reader import (
     parse_size,
 )
 from maildetour.core.address import Address, AddressError, check_domain, parse_address
-from maildetour.core.destinations import SKIP_CONDITIONS, Destination, detour_chain
+from maildetour.core.destinations import IMAP_PREFIX, SKIP_CONDITIONS, Destination, detour_chain, is_imap
 from maildetour.core.hostport import HostPort
 from maildetour.core.routing import Accept, route
 
@@ -59,10 +65,13 @@ def build_config(raw: dict[str, Any], path: Path) -> Config:
     mailboxes = _mailboxes(top.sub_table("mailbox"))
     forwards = _forwards(top.sub_table("forward"))
     destinations = _destinations(top.sub_table("destination"))
-    signing = _signing(top, base)
+    signing, signing_secret = _signing(top, base)
     checks = _checks(top.sub_table("checks"), server.hostname, signing is not None)
+    srs = _srs(top.sub_table("srs"), base, server, smtp, mailboxes, signing, signing_secret)
+    imap = _imap(top.sub_table("imap"), base)
     top.finish()
-    config = Config(path, server, smtp, pop3, delivery, mailboxes, forwards, destinations, signing, checks)
+    config = Config(path, server, smtp, pop3, delivery, mailboxes, forwards, destinations, signing, checks,
+                    srs, imap)
     _cross_check(config)
     return config
 
@@ -197,10 +206,11 @@ def _delivery(t: Table) -> DeliveryConfig:
     return config
 
 
-def _signing(top: Table, base: Path) -> SigningConfig | None:
+def _signing(top: Table, base: Path) -> tuple[SigningConfig | None, Path | None]:
+    """[signing], and the SRS secret file it names (`srs_secret_file`, kept from before [srs])."""
     if "signing" not in top.data:
         top.used.add("signing")
-        return None
+        return None, None
     t = top.sub_table("signing")
     path = _relative(base)
 
@@ -217,14 +227,75 @@ def _signing(top: Table, base: Path) -> SigningConfig | None:
         domain=domain,
         selector=required("selector"),
         dkim_key=path(t.name("dkim_key"), required("dkim_key")),
-        srs_secret_file=path(t.name("srs_secret_file"), required("srs_secret_file")),
         ed25519_selector=t.get("ed25519_selector", str, None),
         ed25519_key=t.convert("ed25519_key", path, None),
     )
     if (config.ed25519_selector is None) != (config.ed25519_key is None):
         raise ConfigError(t.name("ed25519_key"), "ed25519_selector and ed25519_key go together")
+    secret = t.convert("srs_secret_file", path, None)
     t.finish()
-    return config
+    return config, secret
+
+
+def _srs(t: Table, base: Path, server: ServerConfig, smtp: SmtpConfig, mailboxes: dict[str, Mailbox],
+         signing: SigningConfig | None, signing_secret: Path | None) -> SrsConfig | None:
+    """SRS is always on: the domain is [srs].domain, else [signing].domain, else the first of
+    smtp.domains (or of the mailbox domains); the secret is [srs].secret_file, else
+    [signing].srs_secret_file, else state_dir/srs.secret, made at the first start."""
+    secret = t.convert("secret_file", _relative(base), None)
+    if secret is not None and signing_secret is not None and secret != signing_secret:
+        raise ConfigError(t.name("secret_file"), "[signing] srs_secret_file names another file: give one")
+    secret = secret or signing_secret
+    fallback = signing.domain if signing is not None else (smtp.domains or
+                                                           tuple(a.split("@")[1] for a in mailboxes) or ("",))[0]
+    domain = t.get("domain", str, None)
+    if domain is not None:
+        checked = check_domain(domain)
+        if isinstance(checked, AddressError):
+            raise ConfigError(t.name("domain"), f"{domain!r}: {checked.reason}")
+        domain = checked
+    t.finish()
+    domain = domain or fallback
+    if not domain:
+        return None  # no domain at all: nothing is accepted, nothing forwarded
+    return SrsConfig(domain, secret or server.state_dir / SRS_SECRET_NAME, made_here=secret is None)
+
+
+def _imap(t: Table, base: Path) -> dict[str, ImapAccount]:
+    result: dict[str, ImapAccount] = {}
+    for name in list(t.data):
+        a = t.sub_table(name)
+        if not name or not all(c.isalnum() or c in "-_." for c in name):
+            raise ConfigError(t.name(name), "an IMAP account name is letters, digits, '-', '_' and '.'")
+        host = a.get("host", str, None)
+        user = a.get("user", str, None)
+        for key, value in (("host", host), ("user", user)):
+            if not value:
+                raise ConfigError(a.name(key), f"required in [imap.\"{name}\"]")
+        tls = a.get("tls", str, "implicit")
+        if tls not in IMAP_PORTS:
+            raise ConfigError(a.name("tls"), f'expected "implicit" or "starttls", got {tls!r}')
+        auth = a.get("auth", str, "password")
+        if auth not in ("password", "xoauth2"):
+            raise ConfigError(a.name("auth"), f'expected "password" or "xoauth2", got {auth!r}')
+        account = ImapAccount(
+            name=name, host=host, port=_port(a, "port", IMAP_PORTS[tls]), tls=tls, user=user,
+            folder=a.get("folder", str, "INBOX") or "INBOX", auth=auth,
+            password_file=a.convert("password_file", _relative(base), None),
+            password_command=a.get("password_command", str, None) or None,
+            token_command=a.get("token_command", str, None) or None,
+            ca_file=a.convert("ca_file", _relative(base), None),
+            timeout=a.convert("timeout", parse_duration, IMAP_TIMEOUT),
+            connections=_positive_int(a, "connections", IMAP_CONNECTIONS),
+        )
+        secrets = [k for k in ("password_file", "password_command", "token_command") if getattr(account, k)]
+        wanted = ["token_command"] if auth == "xoauth2" else ["password_file", "password_command"]
+        if len(secrets) != 1 or secrets[0] not in wanted:
+            raise ConfigError(a.name(secrets[1] if len(secrets) > 1 else wanted[0]),
+                              f"auth = \"{auth}\" takes exactly one of {' or '.join(wanted)}")
+        a.finish()
+        result[name] = account
+    return result
 
 
 def _checks(t: Table, hostname: str, signing: bool) -> ChecksConfig:
@@ -285,7 +356,6 @@ def _destinations(t: Table) -> dict[str, Destination]:
     for name in list(t.data):
         dest = t.sub_table(name)
         address = address_key(t.name(name), name)
-        detour = dest.get("detour", str, None)
         skip = dest.strings("skip_when")
         for i, word in enumerate(skip):
             if word not in SKIP_CONDITIONS:
@@ -294,12 +364,29 @@ def _destinations(t: Table) -> dict[str, Destination]:
         result[address] = Destination(
             address=address,
             hidden=dest.get("hidden", bool, False),
-            detour=address_key(dest.name("detour"), detour) if detour is not None else None,
+            detour=_detour_steps(dest),
             detour_after=dest.convert("detour_after", parse_duration, DEFAULT_DETOUR_AFTER),
             skip_when=skip,
         )
         dest.finish()
     return result
+
+
+def _detour_steps(dest: Table) -> tuple[str, ...]:
+    """`detour = "a@b"` or a list of steps; each an address or "imap:NAME"."""
+    key = dest.name("detour")
+    value = dest.get("detour", (str, list), [])
+    items = [(key, value)] if isinstance(value, str) else [(f"{key}[{i}]", v) for i, v in enumerate(value)]
+    steps: list[str] = []
+    for item_key, item in items:
+        if isinstance(item, str) and is_imap(item):
+            step = item
+        else:
+            step = address_key(item_key, item)
+        if step in steps:
+            raise ConfigError(item_key, f"{step!r} is already a step of this detour")
+        steps.append(step)
+    return tuple(steps)
 
 
 def _cross_check(config: Config) -> None:
@@ -315,14 +402,23 @@ def _cross_check(config: Config) -> None:
             if target == rule.pattern:
                 raise ConfigError(f'forward."{rule.pattern}".to', "a forward cannot target itself")
     _check_local_targets(config)
-    if config.signing is not None and config.signing.domain not in local_domains:
-        raise ConfigError("signing.domain", f"{config.signing.domain!r} must be one of smtp.domains "
+    if config.srs is not None and config.srs.domain not in local_domains:
+        key = "srs.domain" if config.signing is None or config.srs.domain != config.signing.domain \
+            else "signing.domain"
+        raise ConfigError(key, f"{config.srs.domain!r} must be one of smtp.domains or a mailbox domain "
                           "(late bounces come back to SRS addresses there)")
     for dest in config.destinations.values():
         chain = detour_chain(config.destinations, dest.address)
         if chain.loop is not None:
-            raise ConfigError(f'destination."{dest.address}".detour',
-                              "detour chain loops: " + " -> ".join(chain.steps + (chain.loop,)))
+            raise ConfigError(f'destination."{dest.address}".detour', "detour chain loops: " + " -> ".join(chain.loop))
+        for i, step in enumerate(dest.detour):
+            key = f'destination."{dest.address}".detour' + (f"[{i}]" if len(dest.detour) > 1 else "")
+            if is_imap(step) and step.removeprefix(IMAP_PREFIX) not in config.imap:
+                raise ConfigError(key, f"{step!r} names no [imap.\"{step.removeprefix(IMAP_PREFIX)}\"] table")
+            parsed = parse_address(step)
+            if isinstance(parsed, Address) and parsed.domain in local_domains and step not in config.mailboxes \
+                    and not isinstance(route(config.routing_table(), parsed), Accept):
+                raise ConfigError(key, f"{step} is at our own domain but is neither a mailbox nor forwarded")
 
 
 def _check_local_targets(config: Config) -> None:

@@ -162,12 +162,55 @@ class Forward:
 
 @dataclass(frozen=True, slots=True)
 class SigningConfig:
-    domain: str  # d= of DKIM and ARC, and the SRS domain
+    domain: str  # d= of DKIM and ARC (and the SRS domain unless [srs] says otherwise)
     selector: str
     dkim_key: Path
-    srs_secret_file: Path
     ed25519_selector: str | None = None
     ed25519_key: Path | None = None  # base64 seed of an ed25519 key (RFC 8463), optional
+
+
+# The SRS secret made at the first start when none is configured, in state_dir.
+SRS_SECRET_NAME = "srs.secret"
+
+
+@dataclass(frozen=True, slots=True)
+class SrsConfig:
+    """SRS on every copy that leaves by SMTP: always on when we have a domain to use."""
+
+    domain: str  # [srs].domain, else [signing].domain, else the first of smtp.domains
+    secret_file: Path  # one secret a line (postsrsd's format): the first signs, all verify
+    made_here: bool  # no secret_file configured: state_dir/srs.secret, created at first start
+
+
+# IMAP ports (RFC 8314: implicit TLS on 993; STARTTLS on 143).
+IMAP_PORTS = {"implicit": 993, "starttls": 143}
+# Connect, log in, and each command (an APPEND of a big message included) within this.
+IMAP_TIMEOUT = 30.0
+# An idle kept connection sends NOOP this often: below common NAT idle timeouts (5 min and up)
+# and far below a server's autologout (RFC 3501 5.4: at least 30 min).
+IMAP_KEEPALIVE = 240.0
+# Authenticated connections kept open to one account (one APPEND at a time on each): one is
+# enough for a personal forwarder; Gmail allows 15 per account.
+IMAP_CONNECTIONS = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ImapAccount:
+    """An account a detour step appends into (`detour = ["imap:NAME", ...]`)."""
+
+    name: str
+    host: str
+    port: int
+    tls: str  # "implicit" (993) | "starttls" (143); the certificate is always verified
+    user: str
+    timeout: float  # connect, log in, and each command, within this (IMAP_TIMEOUT)
+    connections: int  # authenticated connections kept open (IMAP_CONNECTIONS)
+    folder: str = "INBOX"
+    auth: str = "password"  # "password" (LOGIN) | "xoauth2" (SASL XOAUTH2 with a bearer token)
+    password_file: Path | None = None  # the first line is the password
+    password_command: str | None = None  # run by /bin/sh; the first line of its output
+    token_command: str | None = None  # xoauth2: prints a current access token (first line)
+    ca_file: Path | None = None  # CA bundle to verify the server with (default: the system's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +235,8 @@ class Config:
     destinations: dict[str, Destination]
     signing: SigningConfig | None = None
     checks: ChecksConfig = ChecksConfig()
+    srs: SrsConfig | None = None  # None only when there is no domain at all to use
+    imap: dict[str, ImapAccount] = field(default_factory=dict)
 
     @property
     def spool_dir(self) -> Path:

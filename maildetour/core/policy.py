@@ -1,14 +1,16 @@
 """Policy: what happens to a copy before and after an attempt. Values in, a decision out.
 
-Pure (no I/O, no clock: `now` is passed in). Internal. The heart of the detour contract:
+Pure (no I/O, no clock: `now` is passed in). Internal. The heart of the detour contract, over
+the copy's detour chain (`core.destinations.detour_chain` of the target it started at):
   - delivered: done;
-  - a destination with a `detour`, refused for good (5xx) or unreachable: detour at once;
-  - the same with temporary failures lasting `detour_after`: detour;
-  - a copy whose chain started at a hidden destination is never bounced: when the last target
-    of its chain fails it is quarantined for the operator;
-  - an ordinary target refused for good: a private DSN to the sender (or, for the null sender,
-    just "failed"); temporary failures past the retry lifetime likewise;
-  - anything else: retry with exponential backoff (never later than the detour deadline).
+  - a step with a next step, refused for good (5xx) or unreachable: the next step at once;
+  - the same with temporary failures lasting the step's deadline (`detour_after`): next step;
+  - a copy that has passed a hidden destination is hidden from then on, and never bounced:
+    when the last step refuses for good it is quarantined for the operator, and the last
+    step's temporary failures are retried for as long as it takes (never lost);
+  - an ordinary last step refused for good: a private DSN to the sender (or, for the null
+    sender, just "failed"); temporary failures past the retry lifetime likewise;
+  - anything else: retry with exponential backoff (never later than the step's deadline).
 Before an attempt, `skipped` says whether a destination's `skip_when` conditions are met by a
 message's inbound verdicts: such a copy is not tried and counts as refused (so it detours).
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-from maildetour.core.destinations import Destination
+from maildetour.core.destinations import Destination, Step, detour_chain
 from maildetour.core.outcome import Delivered, Outcome, PermanentFailure, TemporaryFailure, Unreachable
 
 
@@ -33,8 +35,9 @@ class RetryRules:
 class Attempted:
     """What policy needs to know about the copy that was just tried."""
 
-    target: str
-    hidden_origin: bool  # the copy's chain started at a hidden destination
+    target: str  # the step just tried
+    origin: str  # the target the copy started at: its chain is this one's
+    hidden: bool  # the copy has passed a hidden destination
     null_sender: bool  # MAIL FROM:<> (a DSN): never answered with another DSN
     attempts: int  # attempts at this target, including the one just made
     first_failure: float | None  # first temporary failure at this target, if any
@@ -55,6 +58,7 @@ class Retry:
 class Detour:
     to: str
     reason: str
+    hidden: bool  # the copy is hidden from now on (it passed a hidden destination)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,19 +92,21 @@ def decide(
     destinations: Mapping[str, Destination],
     retry: RetryRules,
 ) -> Decision:
+    chain = detour_chain(destinations, copy.origin)
+    here, after = chain.step(copy.target), chain.after(copy.target)
     dest = destinations.get(copy.target.lower())
-    protected = copy.hidden_origin or (dest is not None and dest.hidden)
+    hidden = copy.hidden or (dest is not None and dest.hidden)
     match outcome:
         case Delivered():
             return Done()
         case PermanentFailure(reason=reason):
-            return _give_up(dest, protected, copy.null_sender, outcome, f"refused: {reason}")
-        case Unreachable(reason=reason) if dest is not None and (dest.detour or dest.hidden):
-            return _give_up(dest, protected, copy.null_sender, outcome, f"unreachable: {reason}")
+            return _give_up(after, hidden, copy.null_sender, outcome, f"refused: {reason}")
+        case Unreachable(reason=reason) if after is not None:
+            return _give_up(after, hidden, copy.null_sender, outcome, f"unreachable: {reason}")
         case Unreachable(reason=reason):
-            return _temporary(copy, dest, protected, now, retry, outcome, f"unreachable: {reason}")
+            return _temporary(copy, here, after, hidden, now, retry, outcome, f"unreachable: {reason}")
         case TemporaryFailure(reason=reason):
-            return _temporary(copy, dest, protected, now, retry, outcome, f"deferred: {reason}")
+            return _temporary(copy, here, after, hidden, now, retry, outcome, f"deferred: {reason}")
     raise AssertionError(f"unknown outcome {outcome!r}")
 
 
@@ -115,12 +121,12 @@ def skipped(dest: Destination | None, verdicts: Mapping[str, str]) -> PermanentF
     return None
 
 
-def _give_up(dest: Destination | None, protected: bool, null_sender: bool, outcome: Outcome,
+def _give_up(after: Step | None, hidden: bool, null_sender: bool, outcome: Outcome,
              reason: str) -> Decision:
-    if dest is not None and dest.detour:
-        return Detour(dest.detour, reason)
-    if protected:
-        return Quarantine(f"last detour target failed: {reason}")
+    if after is not None:
+        return Detour(after.target, reason, hidden)
+    if hidden:
+        return Quarantine(f"last detour step failed: {reason}")
     if null_sender:
         return Fail(reason)
     return Bounce(reason, outcome)
@@ -128,8 +134,9 @@ def _give_up(dest: Destination | None, protected: bool, null_sender: bool, outco
 
 def _temporary(
     copy: Attempted,
-    dest: Destination | None,
-    protected: bool,
+    here: Step,
+    after: Step | None,
+    hidden: bool,
     now: float,
     retry: RetryRules,
     outcome: Outcome,
@@ -137,15 +144,10 @@ def _temporary(
 ) -> Decision:
     first = copy.first_failure if copy.first_failure is not None else now
     waited = now - first
-    deadline: float | None = None
-    if dest is not None and (dest.detour or dest.hidden):
-        if waited >= dest.detour_after:
-            return _give_up(dest, protected, copy.null_sender, outcome, f"{reason} for {waited:.0f}s")
-        deadline = first + dest.detour_after
-    elif waited >= retry.lifetime:
-        return _give_up(dest, protected, copy.null_sender, outcome, f"{reason} for {waited:.0f}s")
-    backoff = min(retry.first * 2 ** max(copy.attempts - 1, 0), retry.longest)
-    at = now + backoff
-    if deadline is not None:
-        at = min(at, deadline)
+    limit = here.deadline if after is not None else None if hidden else retry.lifetime
+    if limit is not None and waited >= limit:
+        return _give_up(after, hidden, copy.null_sender, outcome, f"{reason} for {waited:.0f}s")
+    at = now + min(retry.first * 2 ** max(copy.attempts - 1, 0), retry.longest)
+    if limit is not None:
+        at = min(at, first + limit)
     return Retry(at, first)

@@ -18,13 +18,13 @@ from typing import Literal
 
 from maildetour.core import replies
 from maildetour.core.address import Address, base_address, parse_address
-from maildetour.core.destinations import Destination, detour_chain
+from maildetour.core.destinations import Destination, detour_chain, is_imap
 from maildetour.core.replies import Reply
 
 # Deeper chains of local forwards are a config mistake, not something to follow forever.
 MAX_EXPANSION = 8
 
-Kind = Literal["local", "smtp"]
+Kind = Literal["local", "smtp", "imap"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +53,10 @@ class RoutingTable:
     destinations: dict[str, Destination]
 
     def kind(self, target: str) -> Kind:
-        """How a target is delivered: into one of our mailboxes, or by SMTP."""
+        """How a target is delivered: into one of our mailboxes, appended into an IMAP account
+        (a detour step "imap:NAME"), or by SMTP."""
+        if is_imap(target):
+            return "imap"
         return "local" if target.lower() in self.mailboxes else "smtp"
 
     def is_hidden(self, target: str) -> bool:
@@ -62,7 +65,7 @@ class RoutingTable:
 
     def detour_chain(self, target: str) -> tuple[str, ...]:
         """target, its detour, that one's detour, ... (the config has no loops)."""
-        return detour_chain(self.destinations, target).steps
+        return detour_chain(self.destinations, target).targets
 
 
 def route(table: RoutingTable, address: Address) -> Route:

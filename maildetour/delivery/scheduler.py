@@ -157,8 +157,10 @@ class Scheduler:
         return list(groups.values())
 
     def _group(self, copy: Copy) -> _Group:
+        """A hidden copy travels alone: no receiver sees it beside another address."""
         kind = self.table.kind(copy.target)
-        return copy.queue_id, kind, self.agents[kind].batch_key(copy.target)
+        hidden = copy.hidden or self.table.is_hidden(copy.target)
+        return copy.queue_id, kind, copy.target if hidden else self.agents[kind].batch_key(copy.target)
 
     # --- one attempt ------------------------------------------------------------------------
     async def _attempt(self, group: list[Copy]) -> None:
@@ -167,7 +169,8 @@ class Scheduler:
             data = await self.store.read(first.queue_id)
             recipients = tuple(dict.fromkeys(c.target for c in group))
             agent = self.agents[self.table.kind(first.target)]
-            reported = await agent.deliver(Job(first.queue_id, first.mail_from, recipients, data))
+            job = Job(first.queue_id, first.mail_from, recipients, data, first.received_at)
+            reported = await agent.deliver(job)
             outcomes = {target.lower(): outcome for target, outcome in reported.items()}
             for copy in group:
                 await self._settle(copy, outcomes.get(copy.target.lower(), _UNKNOWN))
@@ -186,7 +189,7 @@ class Scheduler:
 
     async def _settle(self, copy: Copy, outcome: Outcome) -> None:
         now = self.clock()
-        attempted = Attempted(copy.target, copy.hidden_origin, copy.mail_from == "",
+        attempted = Attempted(copy.target, copy.origin, copy.hidden, copy.mail_from == "",
                               copy.attempts + 1, copy.first_failure)
         decision = decide(attempted, outcome, now, self.table.destinations, self.retry)
         events = _outcome_events(copy, outcome, now, copy.attempts + 1)
@@ -209,9 +212,9 @@ class Scheduler:
                 return replace(copy, state="delivered", attempts=attempts)
             case Retry(at=at, first_failure=first):
                 return replace(copy, state="queued", attempts=attempts, next_at=at, first_failure=first)
-            case Detour(to=to, reason=reason):
+            case Detour(to=to, reason=reason, hidden=hidden):
                 note("detoured", to, f"from {copy.target}: {reason}")
-                return replace(copy, state="queued", target=to, attempts=0, next_at=now,
+                return replace(copy, state="queued", target=to, hidden=hidden, attempts=0, next_at=now,
                                first_failure=None, detours=copy.detours + 1)
             case Quarantine(reason=reason):
                 note("quarantined", copy.target, reason)

@@ -1,13 +1,16 @@
-"""Signing agent: in front of the SMTP agent, each job leaves with an SRS sender, a DKIM
-signature and an ARC set.
+"""Agents in front of the SMTP agent that change what a copy carries out: its SRS envelope
+sender (`SrsAgent`, always) and its DKIM signature and ARC set (`SigningAgent`, with
+`[signing]`).
 
-Internal. Built only when `[signing]` is configured (`load_keys` reads its files at start-up;
-bad keys fail there, not per message). For each job the envelope sender becomes an SRS0/SRS1
-address at our domain (the null sender stays null, so DSNs stay DSNs), and a DKIM-Signature
-(d= our domain) and the next ARC set (sealing our inbound verdicts) go on top of the stored
-bytes; the original bytes and signatures below stay untouched. Signing is CPU work and runs in
-a thread. If ARC sealing fails (a broken chain that dkimpy cannot continue), the copy still
-goes out DKIM-signed and the reason is logged: a missing seal is better than no delivery.
+Internal. `SrsAgent` makes the envelope sender an SRS0/SRS1 address at our SRS domain (the
+null sender stays null, so DSNs stay DSNs): SPF at the next hop checks our IP, and anything the
+next hop sends back after accepting (a DSN, a delay notice) comes to us, never to the original
+sender. `SigningAgent` puts a DKIM-Signature (d= our domain) and the next ARC set (sealing our
+inbound verdicts) on top of the stored bytes; the original bytes and signatures below stay
+untouched. Keys are read at start-up (`load_keys`; bad keys fail there, not per message).
+Signing is CPU work and runs in a thread. If ARC sealing fails (a broken chain that dkimpy
+cannot continue), the copy still goes out DKIM-signed and the reason is logged: a missing seal
+is better than no delivery.
 """
 
 from __future__ import annotations
@@ -18,13 +21,13 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from maildetour.config.model import SigningConfig
+from maildetour.config.model import SigningConfig, SrsConfig
 from maildetour.core.authres import find_results
 from maildetour.core.outcome import Outcome
 from maildetour.delivery.base import Agent, Job
 from maildetour.sign.arc import ArcSealError, seal
 from maildetour.sign.dkim import DkimSigner
-from maildetour.sign.srs import SrsCodec, load_secrets
+from maildetour.sign.srs import SrsCodec, load_secrets, make_secret_file
 from maildetour.verify.dnsfunc import DnsLookup
 
 log = logging.getLogger("maildetour.delivery")
@@ -34,25 +37,49 @@ log = logging.getLogger("maildetour.delivery")
 class SigningKeys:
     domain: str
     selector: str
-    srs: SrsCodec
     dkim: DkimSigner
     arc_key: bytes  # PEM; ARC is RSA-only, so the RSA key of DKIM
 
 
 def load_keys(signing: SigningConfig) -> SigningKeys:
-    """Read the key and secret files. Raises OSError, or ValueError (DkimKeyError,
-    SrsSecretError) for a file that holds no usable key."""
+    """Read the key files. Raises OSError, or ValueError (DkimKeyError) for a file that holds
+    no usable key."""
     key = signing.dkim_key.read_bytes()
     ed25519 = None
     if signing.ed25519_key is not None and signing.ed25519_selector is not None:
         ed25519 = (signing.ed25519_selector, signing.ed25519_key.read_bytes().strip())
     return SigningKeys(signing.domain, signing.selector,
-                       SrsCodec(load_secrets(signing.srs_secret_file), signing.domain),
                        DkimSigner(signing.domain, signing.selector, key, ed25519_key=ed25519), key)
 
 
+def load_srs(srs: SrsConfig, *, create: bool) -> SrsCodec:
+    """The SRS codec of `srs`; with `create`, a secret made here at the first start is made
+    now if it is missing (never overwritten). Raises OSError, or SrsSecretError (ValueError)."""
+    if create and srs.made_here:
+        make_secret_file(srs.secret_file)
+    return SrsCodec(load_secrets(srs.secret_file), srs.domain)
+
+
+class SrsAgent:
+    """Implements `delivery.base.Agent` around `inner`: the envelope sender of each job
+    becomes an SRS address at our domain."""
+
+    def __init__(self, inner: Agent, *, srs: SrsCodec, clock: Callable[[], float]) -> None:
+        self.inner, self.srs, self.clock = inner, srs, clock
+
+    def batch_key(self, target: str) -> str:
+        return self.inner.batch_key(target)
+
+    async def deliver(self, job: Job) -> Mapping[str, Outcome]:
+        sender = self.srs.forward(job.mail_from, self.clock()) if job.mail_from else ""
+        return await self.inner.deliver(dataclasses.replace(job, mail_from=sender))
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
 class SigningAgent:
-    """Implements `delivery.base.Agent` around `inner`."""
+    """Implements `delivery.base.Agent` around `inner`: DKIM and ARC on each job's bytes."""
 
     def __init__(self, inner: Agent, *, keys: SigningKeys, authserv_id: str, dnsfunc: DnsLookup,
                  clock: Callable[[], float]) -> None:
@@ -63,10 +90,8 @@ class SigningAgent:
         return self.inner.batch_key(target)
 
     async def deliver(self, job: Job) -> Mapping[str, Outcome]:
-        now = self.clock()
-        sender = self.keys.srs.forward(job.mail_from, now) if job.mail_from else ""
-        headers = await asyncio.to_thread(self._headers, job.data, now)
-        return await self.inner.deliver(dataclasses.replace(job, mail_from=sender, data=headers + job.data))
+        headers = await asyncio.to_thread(self._headers, job.data, self.clock())
+        return await self.inner.deliver(dataclasses.replace(job, data=headers + job.data))
 
     async def close(self) -> None:
         await self.inner.close()

@@ -8,7 +8,8 @@ one of libsrs2 / postsrsd 1.x (HMAC-SHA1 over the lowercased fields, standard ba
 digest truncated; timestamp = day number mod 1024 in two base32 characters), so postsrsd
 reverses our addresses and we reverse postsrsd's.
 
-Contract: pure — no I/O except `load_secrets`, no clock (callers pass `now` in seconds).
+Contract: pure — no I/O except `load_secrets` and `make_secret_file`, no clock (callers pass
+`now` in seconds).
 Where we are stricter than libsrs2: a hash longer than `hash_length` is checked in full (libsrs2
 checks only its first `hash_length` characters); hashes shorter than 4 characters are refused
 whatever `hash_length` is. Where we are more lenient: a timestamp one day in the future is
@@ -29,9 +30,12 @@ import base64
 import enum
 import hashlib
 import hmac
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from maildetour.durable import fsync_dir, write_synced
 
 __all__ = [
     "SrsCodec",
@@ -40,6 +44,7 @@ __all__ = [
     "SrsSecretError",
     "is_srs",
     "load_secrets",
+    "make_secret_file",
 ]
 
 _BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
@@ -71,6 +76,18 @@ class SrsError:
 
 class SrsSecretError(ValueError):
     """The secret file is missing, unreadable or holds no secret."""
+
+
+def make_secret_file(path: Path) -> bool:
+    """Create `path` holding one new random secret, as postsrsd's installers make theirs (18
+    random bytes, base64, one line), mode 0600, fsync'ed with its directory entry. An existing
+    file is never touched: returns False then, True when it was made."""
+    try:
+        write_synced(path, base64.b64encode(os.urandom(18)) + b"\n", mode=0o600)
+    except FileExistsError:
+        return False
+    fsync_dir(path.parent)
+    return True
 
 
 def load_secrets(path: Path | str) -> tuple[bytes, ...]:

@@ -47,8 +47,8 @@ class Message:
 @dataclass(frozen=True, slots=True)
 class NewCopy:
     recipient: str  # public address the sender used
-    target: str
-    hidden_origin: bool
+    target: str  # also the copy's origin: the start of its detour chain
+    hidden: bool  # the target is a hidden destination
     state: CopyState = "queued"
     why: str = ""  # for a copy not born queued: the detail of its event (kind = its state)
 
@@ -59,8 +59,9 @@ class Copy:
     queue_id: str
     mail_from: str
     recipient: str
-    target: str
-    hidden_origin: bool
+    target: str  # the step of the detour chain the copy is at
+    origin: str  # the target it started at (its chain is that one's)
+    hidden: bool  # it has passed a hidden destination: no DSN about it, ever
     state: CopyState
     attempts: int  # attempts at the current target
     next_at: float

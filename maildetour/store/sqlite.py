@@ -44,12 +44,13 @@ CREATE TABLE IF NOT EXISTS copies (
     queue_id TEXT NOT NULL REFERENCES messages(queue_id),
     recipient TEXT NOT NULL,
     target TEXT NOT NULL,
-    hidden_origin INTEGER NOT NULL,
+    hidden_origin INTEGER NOT NULL,  -- the copy has passed a hidden destination
     state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     next_at REAL NOT NULL,
     first_failure REAL,
-    detours INTEGER NOT NULL DEFAULT 0
+    detours INTEGER NOT NULL DEFAULT 0,
+    origin TEXT  -- the target the copy started at; NULL in queues written before it existed
 );
 CREATE INDEX IF NOT EXISTS copies_queued ON copies(state) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS copies_queue_id ON copies(queue_id);
@@ -66,16 +67,16 @@ CREATE INDEX IF NOT EXISTS events_queue_id ON events(queue_id);
 """
 
 _COPY_COLUMNS = (
-    "c.id, c.queue_id, m.mail_from, c.recipient, c.target, c.hidden_origin, c.state, c.attempts,"
-    " c.next_at, c.first_failure, c.detours, m.received_at"
+    "c.id, c.queue_id, m.mail_from, c.recipient, c.target, coalesce(c.origin, c.target), c.hidden_origin,"
+    " c.state, c.attempts, c.next_at, c.first_failure, c.detours, m.received_at"
 )
 
 
 def _copy(row: Sequence[Any]) -> Copy:
     return Copy(
-        id=row[0], queue_id=row[1], mail_from=row[2], recipient=row[3], target=row[4],
-        hidden_origin=bool(row[5]), state=row[6], attempts=row[7], next_at=row[8],
-        first_failure=row[9], detours=row[10], received_at=row[11],
+        id=row[0], queue_id=row[1], mail_from=row[2], recipient=row[3], target=row[4], origin=row[5],
+        hidden=bool(row[6]), state=row[7], attempts=row[8], next_at=row[9],
+        first_failure=row[10], detours=row[11], received_at=row[12],
     )
 
 
@@ -88,6 +89,9 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         # NORMAL would skip the fsync at commit in WAL mode: FULL keeps the 250 promise.
         conn.execute("PRAGMA synchronous=FULL")
         conn.executescript(SCHEMA)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(copies)")}
+        if "origin" not in columns:  # a queue from before detour chains: same meaning, NULL
+            conn.execute("ALTER TABLE copies ADD COLUMN origin TEXT")
     conn.execute("PRAGMA busy_timeout=5000")
     return conn
 
@@ -217,14 +221,14 @@ class SqliteStore:
             made = []
             for c in copies:
                 cur = conn.execute(
-                    "INSERT INTO copies (queue_id, recipient, target, hidden_origin, state, next_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (message.queue_id, c.recipient, c.target, int(c.hidden_origin), c.state,
+                    "INSERT INTO copies (queue_id, recipient, target, origin, hidden_origin, state, next_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (message.queue_id, c.recipient, c.target, c.target, int(c.hidden), c.state,
                      message.received_at),
                 )
                 copy = Copy(
                     id=int(cur.lastrowid or 0), queue_id=message.queue_id, mail_from=message.mail_from,
-                    recipient=c.recipient, target=c.target, hidden_origin=c.hidden_origin,
+                    recipient=c.recipient, target=c.target, origin=c.target, hidden=c.hidden,
                     state=c.state, attempts=0, next_at=message.received_at, first_failure=None,
                     detours=0, received_at=message.received_at,
                 )
@@ -242,10 +246,10 @@ class SqliteStore:
     async def update(self, copy: Copy, events: Sequence[Event]) -> bool:
         def write(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
-                "UPDATE copies SET target=?, state=?, attempts=?, next_at=?, first_failure=?,"
-                f" detours=? WHERE id=? AND state NOT IN {_OPERATOR_STATES}",
-                (copy.target, copy.state, copy.attempts, copy.next_at, copy.first_failure,
-                 copy.detours, copy.id),
+                "UPDATE copies SET target=?, hidden_origin=?, state=?, attempts=?, next_at=?,"
+                f" first_failure=?, detours=? WHERE id=? AND state NOT IN {_OPERATOR_STATES}",
+                (copy.target, int(copy.hidden), copy.state, copy.attempts, copy.next_at,
+                 copy.first_failure, copy.detours, copy.id),
             )
             _insert_events(conn, events)
             return cur.rowcount == 1

@@ -34,7 +34,7 @@ import spf
 
 from maildetour.sign.dkim import generate_key
 from maildetour.sign.srs import SrsCodec, load_secrets
-from tests.harness import Server, running_server
+from tests.harness import Server, late_dsn, running_server
 from tests.harness import message as harness_message
 from tests.peers.dnsmasq import DnsPeer, DnsRecords, running_dnsmasq
 from tests.peers.opendkim import Port53Dns, running_port53_dnsmasq, verify_with_opendkim
@@ -408,31 +408,6 @@ def _wait_subject(server: Server, box: str, subject: str, timeout: float = 15.0)
 
 
 # -- 4. late bounces ---------------------------------------------------------------------------
-
-
-def late_dsn(*, to: str, reporter: str, final_recipient: str, returned: bytes, marker: str) -> bytes:
-    """An RFC 3464 report as a remote MTA sends it later: returned headers attached."""
-    headers = returned.split(b"\r\n\r\n", 1)[0].decode()
-    return (
-        f"From: Mail Delivery Subsystem <mailer-daemon@{reporter}>\r\n"
-        f"To: {to}\r\n"
-        f"Subject: Delivery Status Notification (Failure) {marker}\r\n"
-        f"Message-ID: <{marker}@{reporter}>\r\n"
-        "MIME-Version: 1.0\r\n"
-        'Content-Type: multipart/report; report-type=delivery-status; boundary="b0und"\r\n'
-        "\r\n"
-        "--b0und\r\nContent-Type: text/plain\r\n\r\n"
-        f"Your message was not delivered: {marker}.\r\n"
-        "--b0und\r\nContent-Type: message/delivery-status\r\n\r\n"
-        f"Reporting-MTA: dns; mx.{reporter}\r\n\r\n"
-        f"Final-Recipient: rfc822; {final_recipient}\r\n"
-        "Action: failed\r\n"
-        "Status: 5.7.1\r\n"
-        f"Diagnostic-Code: smtp; 550 5.7.1 {marker} refused after acceptance\r\n"
-        "\r\n--b0und\r\nContent-Type: text/rfc822-headers\r\n\r\n"
-        f"{headers}\r\n"
-        "--b0und--\r\n"
-    ).encode()
 
 
 ORDINARY_FORWARD = f"""

@@ -82,7 +82,7 @@ def deliver_once(nexthop: Any, job: Job, **kwargs: Any) -> Mapping[str, Outcome]
 
 def job(*recipients: str, mail_from: str = "sender@example.com", data: bytes = MESSAGE,
         queue_id: str = "Q1") -> Job:
-    return Job(queue_id, mail_from, recipients, data)
+    return Job(queue_id, mail_from, recipients, data, 1.0e9)
 
 
 def test_per_recipient_results_when_one_rcpt_is_refused() -> None:

@@ -20,7 +20,10 @@ def test_the_seed_example_of_design_md_loads_as_is(tmp_path: Path) -> None:
     assert set(config.mailboxes) == {"ituki@pc.example.net", "ituki@gm.example.net"}
     assert config.forwards[0].to == ("ituki@pc.example.net", "ituki-ex@gmail.com")
     dest = config.destinations["ituki-ex@gmail.com"]
-    assert dest.hidden and dest.detour == "ituki@gm.example.net" and dest.detour_after == 600.0
+    assert dest.hidden and dest.detour == ("ituki@gm.example.net",) and dest.detour_after == 600.0
+    # SRS is on without any [srs] or [signing]: at our domain, with a secret made at first start.
+    assert config.srs is not None and config.srs.domain == "example.com" and config.srs.made_here
+    assert config.srs.secret_file == config.server.state_dir / "srs.secret"
 
 
 def error_for(tmp_path: Path, text: str) -> ConfigError:
@@ -66,6 +69,67 @@ def test_a_detour_chain_that_loops_is_an_error(tmp_path: Path) -> None:
     text = SEED + '\n[destination."ituki@gm.example.net"]\ndetour = "ituki-ex@gmail.com"\n'
     err = error_for(tmp_path, text)
     assert "loops" in err.reason
+    assert "ituki-ex@gmail.com -> ituki@gm.example.net -> ituki-ex@gmail.com" in err.reason
+
+
+IMAP = """
+[imap."gmail"]
+host = "imap.gmail.com"
+user = "ituki-ex@gmail.com"
+password_command = "pass show gmail-app-password"
+"""
+
+
+def test_a_detour_is_a_list_of_steps_with_imap_accounts(tmp_path: Path) -> None:
+    text = SEED.replace('detour       = "ituki@gm.example.net"',
+                        'detour       = ["imap:gmail", "ituki@gm.example.net"]') + IMAP
+    config = seed_config(tmp_path, text)
+    assert config.destinations["ituki-ex@gmail.com"].detour == ("imap:gmail", "ituki@gm.example.net")
+    account = config.imap["gmail"]
+    assert (account.host, account.port, account.tls, account.folder, account.auth) == (
+        "imap.gmail.com", 993, "implicit", "INBOX", "password")
+    assert account.password_command == "pass show gmail-app-password" and account.password_file is None
+
+
+def test_starttls_defaults_to_port_143(tmp_path: Path) -> None:
+    text = SEED + IMAP.replace('user =', 'tls = "starttls"\nuser =')
+    assert seed_config(tmp_path, text).imap["gmail"].port == 143
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "words"),
+    [
+        (SEED.replace('detour       = "ituki@gm.example.net"', 'detour       = ["imap:nope"]'),
+         'destination."ituki-ex@gmail.com".detour', "names no [imap"),
+        (SEED.replace('detour       = "ituki@gm.example.net"', 'detour = ["ituki@gm.example.net", "nobody@example.com"]'),
+         'destination."ituki-ex@gmail.com".detour[1]', "neither a mailbox nor forwarded"),
+        (SEED.replace('detour       = "ituki@gm.example.net"', 'detour = ["ituki@gm.example.net", "ituki@gm.example.net"]'),
+         'destination."ituki-ex@gmail.com".detour[1]', "already a step"),
+        (SEED + IMAP.replace('password_command = "pass show gmail-app-password"', ""),
+         'imap.gmail.password_file', "exactly one of"),
+        (SEED + IMAP + 'password_file = "pw"\n', 'imap.gmail.password_command', "exactly one of"),
+        (SEED + IMAP.replace('host = "imap.gmail.com"\n', ""), 'imap.gmail.host', "required"),
+        (SEED + IMAP + 'auth = "xoauth2"\n', 'imap.gmail.token_command', "exactly one of"),
+        (SEED + IMAP + 'tls = "none"\n', 'imap.gmail.tls', "implicit"),
+        (SEED + "\n[srs]\ndomain = \"elsewhere.org\"\n", "srs.domain", "must be one of smtp.domains"),
+    ],
+    ids=["unknown imap account", "detour at our domain leads nowhere", "step twice", "no password",
+         "two passwords", "no host", "xoauth2 without token command", "tls none", "srs domain not ours"],
+)
+def test_bad_detours_imap_accounts_and_srs_name_their_key(tmp_path: Path, text: str, key: str, words: str) -> None:
+    err = error_for(tmp_path, text)
+    assert err.key == key and words in err.reason
+
+
+def test_srs_takes_its_own_table_or_the_secret_of_signing(tmp_path: Path) -> None:
+    own = seed_config(tmp_path, SEED + '\n[srs]\ndomain = "example.com"\nsecret_file = "my.secret"\n').srs
+    assert own is not None and own.secret_file == (tmp_path / "my.secret").resolve() and not own.made_here
+    signing = SEED + ('\n[signing]\ndomain = "example.com"\nselector = "s"\ndkim_key = "k.pem"\n'
+                      'srs_secret_file = "old.secret"\n')
+    kept = seed_config(tmp_path, signing).srs
+    assert kept is not None and kept.secret_file == (tmp_path / "old.secret").resolve() and not kept.made_here
+    both = signing + '\n[srs]\nsecret_file = "other.secret"\n'
+    assert error_for(tmp_path, both).key == "srs.secret_file"
 
 
 def test_password_and_hash_together_are_an_error(tmp_path: Path) -> None:

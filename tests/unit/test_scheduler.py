@@ -238,3 +238,11 @@ def test_a_copy_the_operator_holds_during_its_attempt_is_not_scheduled_again(tmp
     assert len(smtp.jobs) == 1
     [copy] = store.copies.values()
     assert copy.state == "held"
+
+
+def test_a_hidden_copy_travels_alone_even_beside_another_address_at_the_same_host(tmp_path: Path) -> None:
+    text = CHAIN + '\n[forward."both@example.com"]\nto = ["ituki-ex@gmail.com", "pal@gmail.com", "bud@gmail.com"]\n'
+    smtp = ScriptedAgent(ok)
+    run(tmp_path, smtp, ScriptedAgent(ok), [("both@example.com", HIDDEN), ("both@example.com", "pal@gmail.com"),
+                                            ("both@example.com", "bud@gmail.com")], text=text)
+    assert sorted(j.recipients for j in smtp.jobs) == [("ituki-ex@gmail.com",), ("pal@gmail.com", "bud@gmail.com")]

@@ -17,7 +17,7 @@ def deliver(results: str, *recipients: str) -> tuple[dict[str, object], Scripted
     inner = ScriptedAgent(lambda r, n: Delivered("250 ok"))
     agent = ScreeningAgent(inner, destinations={SKIPPY.address: SKIPPY}, authserv_id=OURS)
     data = f"Authentication-Results: {results}\r\nSubject: x\r\n\r\nbody\r\n".encode()
-    return dict(asyncio.run(agent.deliver(Job("Q1", "a@b.example", recipients, data)))), inner
+    return dict(asyncio.run(agent.deliver(Job("Q1", "a@b.example", recipients, data, 1.0e9)))), inner
 
 
 def test_a_copy_whose_skip_when_is_met_is_refused_without_being_tried() -> None:
