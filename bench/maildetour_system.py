@@ -29,12 +29,14 @@ from bench.proc import cpu_seconds_tree, die_with_parent, memory_kb, wait_port
 # The seed config of the repository (the one the README shows and the tests run). It is read
 # as a file, not imported: `--maildetour-src` may run another checkout's package.
 SEED_FILE = Path(__file__).resolve().parents[1] / "maildetour" / "seed.toml"
+DETOUR = 'detour       = "ituki@gm.example.net"'
 
 
 def seed_config(*, smtp_port: int, pop3_port: int, gmail: tuple[str, int], delivery_extra: str = "",
-                detour_after: str = "10m") -> str:
+                detour_after: str = "10m", detour: str | None = None, extra: str = "") -> str:
     """The seed file with this run's ports, stand-in gmail and [delivery] additions (DNS goes
-    to a dead loopback port: nothing may ask a real resolver)."""
+    to a dead loopback port: nothing may ask a real resolver); `detour` replaces the hidden
+    destination's detour (a TOML value), `extra` tables are appended."""
     text = SEED_FILE.read_text(encoding="utf-8")
     changes = (
         ('"127.0.0.1:2525"', f'"127.0.0.1:{smtp_port}"'),
@@ -42,12 +44,13 @@ def seed_config(*, smtp_port: int, pop3_port: int, gmail: tuple[str, int], deliv
         ('"gmail.com" = "127.0.0.2:2525" }\n',
          f'"gmail.com" = "{gmail[0]}:{gmail[1]}" }}\ndns_servers = ["127.0.0.1:9"]\n{delivery_extra}\n'),
         ('detour_after = "10m"', f'detour_after = "{detour_after}"'),
+        (DETOUR, f"detour       = {detour}" if detour else DETOUR),
     )
     for old, new in changes:
         if old not in text:
             raise RuntimeError(f"{SEED_FILE} has no {old.strip()} to adapt")
         text = text.replace(old, new, 1)
-    return text
+    return text + extra
 
 
 @dataclass
@@ -58,6 +61,8 @@ class MaildetourSystem:
     gmail: tuple[str, int]
     delivery_extra: str = ""
     detour_after: str = "10m"
+    detour: str | None = None  # the hidden destination's detour, as a TOML value
+    extra: str = ""  # tables appended to the config
     src: Path | None = None  # a directory holding the maildetour package to run (default: importable one)
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
@@ -75,7 +80,8 @@ class MaildetourSystem:
         config = self.workdir / "maildetour.toml"
         config.write_text(seed_config(smtp_port=self.smtp_port, pop3_port=self.pop3_port,
                                       gmail=self.gmail, delivery_extra=self.delivery_extra,
-                                      detour_after=self.detour_after), encoding="utf-8")
+                                      detour_after=self.detour_after, detour=self.detour,
+                                      extra=self.extra), encoding="utf-8")
         for address in ("ituki@pc.example.net", "ituki@gm.example.net"):
             for sub in ("tmp", "new", "cur"):  # made now so that a watcher can watch new/ at once
                 (self.maildir(address) / sub).mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -90,15 +90,17 @@ class Sink:
 
 
 class Boxes:
-    """inotify on the PC and detour Maildirs of one system."""
+    """inotify on the PC and detour Maildirs of one system (and, for the IMAP detour path, the
+    Maildir of the IMAP server the detour appends into: box "imap")."""
 
-    def __init__(self, pc: Path, detour: Path) -> None:
+    def __init__(self, pc: Path, detour: Path, imap: Path | None = None) -> None:
         self.counts: Counter[str] = Counter()
         self.last_ns = 0
         self._waiting: dict[tuple[str, str], asyncio.Future[int]] = {}
         self._watch = MaildirWatch(asyncio.get_running_loop())
-        self._watch.add(pc / "new", lambda ns, path: self._arrived("pc", ns, path))
-        self._watch.add(detour / "new", lambda ns, path: self._arrived("detour", ns, path))
+        boxes = {"pc": pc, "detour": detour} | ({"imap": imap} if imap is not None else {})
+        for box, maildir in boxes.items():
+            self._watch.add(maildir / "new", lambda ns, path, box=box: self._arrived(box, ns, path))
 
     def _arrived(self, box: str, stamp: int, path: Path) -> None:
         self.counts[box] += 1

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import scenarios
+from bench.dovecot import DovecotImap
 from bench.maildetour_system import MaildetourSystem
 from bench.memory import deferred_queue
 from bench.observe import Boxes, Sink
@@ -45,20 +46,24 @@ class Plan:
     size: int = 5120
     idle: int = 5  # success + detour pairs per round, each after `idle_gap` seconds of quiet
     idle_gap: float = 3.0
+    imap_detour: int = 100  # maildetour: refused messages detoured into IMAP (Dovecot); 0 skips
     memory: int = 100_000  # 0: skip the deferred-queue run
     memory_size: int = 1024
     keep: bool = False
     maildetour_src: str | None = None  # run the maildetour package found in this directory
 
 
-QUICK = Plan(rounds=1, success=40, detour=20, throughput=500, idle=2, memory=2000)
+# The hidden destination's detour in the IMAP run: the IMAP step first, the POP box after it.
+IMAP_CHAIN = '["imap:bench", "ituki@gm.example.net"]'
+
+QUICK = Plan(rounds=1, success=40, detour=20, throughput=500, idle=2, imap_detour=10, memory=2000)
 
 
 def make_system(kind: str, workdir: Path, gmail: tuple[str, int], *, idle: bool,
-                src: str | None = None) -> scenarios.System:
+                src: str | None = None, imap: DovecotImap | None = None) -> scenarios.System:
     if kind == "maildetour":
-        return MaildetourSystem(workdir, free_port(), free_port(), gmail,
-                                src=Path(src) if src else None)
+        return MaildetourSystem(workdir, free_port(), free_port(), gmail, src=Path(src) if src else None,
+                                detour=IMAP_CHAIN if imap else None, extra=imap.imap_table() if imap else "")
     if kind == "postfix":
         return PostfixRecipe(workdir, free_port(), free_port(), gmail,
                              max_idle="1s" if idle else "100s")
@@ -66,12 +71,13 @@ def make_system(kind: str, workdir: Path, gmail: tuple[str, int], *, idle: bool,
 
 
 async def _with_system(kind: str, workdir: Path, sink: Sink, *, idle: bool, plan: Plan,
-                       phases: Any) -> dict[str, Any]:
-    system = make_system(kind, workdir, (sink.host, sink.port), idle=idle, src=plan.maildetour_src)
+                       phases: Any, imap: DovecotImap | None = None) -> dict[str, Any]:
+    system = make_system(kind, workdir, (sink.host, sink.port), idle=idle, src=plan.maildetour_src, imap=imap)
     await asyncio.to_thread(system.start)
-    boxes = Boxes(system.maildir(scenarios.PC), system.maildir(scenarios.DETOUR))
+    boxes = Boxes(system.maildir(scenarios.PC), system.maildir(scenarios.DETOUR),
+                  imap.maildir if imap else None)
     try:
-        await scenarios.warm_up(system, sink, boxes, tag=workdir.name)
+        await scenarios.warm_up(system, sink, boxes, tag=workdir.name, box="imap" if imap else "detour")
         result: dict[str, Any] = await phases(system, boxes)
         return result
     finally:
@@ -109,14 +115,27 @@ async def measure(kind: str, rnd: int, plan: Plan, work: Path) -> dict[str, Any]
             return {"idle_success": distribution(success), "idle_detour": distribution(detour),
                     "idle_success_ms": success, "idle_detour_ms": detour}
 
+        async def into_imap(system: scenarios.System, boxes: Boxes) -> dict[str, Any]:
+            found = await scenarios.latencies(system, sink, boxes, n=plan.imap_detour, detour=True,
+                                              tag=f"{tag}-m", box="imap")
+            return {"imap_detour": distribution(found), "imap_detour_ms": found}
+
         result = await _with_system(kind, work / tag, sink, idle=False, plan=plan, phases=busy)
         if plan.idle:
             result |= await _with_system(kind, work / f"{tag}-idle", sink, idle=True, plan=plan, phases=quiet)
+        if plan.imap_detour and kind == "maildetour":
+            dovecot = DovecotImap()
+            try:
+                await asyncio.to_thread(dovecot.start)
+                result |= await _with_system(kind, work / f"{tag}-imap", sink, idle=False, plan=plan,
+                                             phases=into_imap, imap=dovecot)
+            finally:
+                await asyncio.to_thread(dovecot.stop)
         return result
     finally:
         await sink.stop()
         if not plan.keep:
-            for path in (work / tag, work / f"{tag}-idle"):
+            for path in (work / tag, work / f"{tag}-idle", work / f"{tag}-imap"):
                 shutil.rmtree(path, ignore_errors=True)
 
 

@@ -61,20 +61,21 @@ class Throughput:
 
 
 async def latencies(system: System, sink: Sink, boxes: Boxes, *, n: int, detour: bool,
-                    tag: str, gap: float = 0.0) -> list[float]:
+                    tag: str, gap: float = 0.0, box: str = "detour") -> list[float]:
+    """`box`: where a detoured copy is awaited ("detour" Maildir, or "imap" for the IMAP step)."""
     found: list[float] = []
     for i in range(n):
         if gap:
             await asyncio.sleep(gap)
         seq = f"{tag}-{i}"
-        target = boxes.expect("detour", seq) if detour else sink.expect(seq, "A")
+        target = boxes.expect(box, seq) if detour else sink.expect(seq, "A")
         pc = boxes.expect("pc", seq)
         accepted = await send_one(system.smtp_port, bench_message(seq, refuse=detour))
         try:
             arrived = await asyncio.wait_for(target, ARRIVAL_TIMEOUT)
             await asyncio.wait_for(pc, ARRIVAL_TIMEOUT)
         except TimeoutError:
-            where = "detour Maildir" if detour else "stand-in gmail"
+            where = f"{box} Maildir" if detour else "stand-in gmail"
             raise TimeoutError(f"{system.name}: message {seq} did not reach the {where} and the PC "
                                f"Maildir within {ARRIVAL_TIMEOUT}s\n{system.logs()}") from None
         found.append((arrived - accepted) / 1e6)
@@ -129,10 +130,10 @@ async def throughput(system: System, sink: Sink, boxes: Boxes, *, n: int, sessio
                       (accepted - start) / 1e9, (last - start) / 1e9)
 
 
-async def warm_up(system: System, sink: Sink, boxes: Boxes, tag: str) -> None:
+async def warm_up(system: System, sink: Sink, boxes: Boxes, tag: str, box: str = "detour") -> None:
     """A few messages on both paths, not measured: first connections, caches, process starts."""
     await latencies(system, sink, boxes, n=3, detour=False, tag=f"{tag}-warm-s")
-    await latencies(system, sink, boxes, n=2, detour=True, tag=f"{tag}-warm-d")
+    await latencies(system, sink, boxes, n=2, detour=True, tag=f"{tag}-warm-d", box=box)
 
 
 async def idle_latencies(system: System, sink: Sink, boxes: Boxes, *, n: int, gap: float,

@@ -44,6 +44,7 @@ def _distribution_ok(dist: dict[str, float], n: int) -> None:
 
 def test_quick_mode_measures_every_figure_for_maildetour(tmp_path: Path) -> None:
     need("smtp-source", "postfix")
+    need("dovecot", "dovecot-imapd")
     out = tmp_path / "results"
     run = subprocess.run(
         [sys.executable, "-m", "bench", "run", "--quick", "--systems", "maildetour", "--out", str(out)],
@@ -60,6 +61,7 @@ def test_quick_mode_measures_every_figure_for_maildetour(tmp_path: Path) -> None
     _distribution_ok(got["idle_success"], QUICK.idle)
     _distribution_ok(got["idle_detour"], QUICK.idle)
     assert len(got["success_ms"]) == QUICK.success and len(got["detour_ms"]) == QUICK.detour
+    _distribution_ok(got["imap_detour"], QUICK.imap_detour)  # into Dovecot by IMAP APPEND
     for phase, share in (("throughput_0", 0.0), ("throughput_10", 0.1)):
         t = got[phase]
         assert t["messages"] == QUICK.throughput and t["refused_share"] == share
@@ -71,5 +73,5 @@ def test_quick_mode_measures_every_figure_for_maildetour(tmp_path: Path) -> None
     assert memory["drain_seconds"] > 0 and memory["peak_rss_drain_mb"] > 0
 
     table = (out / "results.md").read_text()
-    assert "success path p50" in table and "deferred-queue run" in table
+    assert "success path p50" in table and "deferred-queue run" in table and "detour into IMAP p50" in table
     assert not (out / "work").exists()  # working directories are cleaned up
