@@ -160,7 +160,9 @@ def build(config: Config, clock: Callable[[], float]) -> Parts:
                           max_parallel=delivery.max_parallel_attempts, dsn=dsn, clock=clock,
                           keep_for=delivery.late_bounce_window if srs is not None else None)
     late_bounces = LateBounces(store=store, hostname=config.server.hostname, report=scheduler.report,
-                               purge_interval=delivery.purge_interval, clock=clock)
+                               left_by_smtp=lambda target: table.kind(target) == "smtp",
+                               keep_for=delivery.late_bounce_window, purge_interval=delivery.purge_interval,
+                               clock=clock)
     handler = Handler(
         table=table, store=store, hostname=config.server.hostname,
         limits=InboundLimits(config.smtp.max_recipients, config.smtp.max_received),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
-from typing import Callable, Mapping, Sequence
+from typing import Awaitable, Callable, Mapping, Sequence
 
 from maildetour.core.outcome import Outcome
 from maildetour.delivery.base import Job
@@ -41,12 +41,13 @@ class MemoryStore:
                                          c.target, c.why))
         return made
 
-    async def update(self, copy: Copy, events: Sequence[Event]) -> bool:
+    def update(self, copy: Copy, events: Sequence[Event]) -> Awaitable[bool]:
         self.events += events
-        if self.copies[copy.id].state in ("held", "deleted"):
-            return False
-        self.copies[copy.id] = copy
-        return True
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        done.set_result(self.copies[copy.id].state not in ("held", "deleted"))
+        if done.result():
+            self.copies[copy.id] = copy
+        return done
 
     async def unfinished(self) -> list[Copy]:
         return [c for c in self.copies.values() if c.state == "queued"]

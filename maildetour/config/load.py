@@ -16,6 +16,7 @@ from maildetour.config.model import (
     IMAP_CONNECTIONS,
     IMAP_PORTS,
     IMAP_TIMEOUT,
+    SRS_HASH_LENGTH,
     SRS_SECRET_NAME,
     ChecksConfig,
     Config,
@@ -248,6 +249,9 @@ def _srs(t: Table, base: Path, server: ServerConfig, smtp: SmtpConfig, mailboxes
     secret = secret or signing_secret
     fallback = signing.domain if signing is not None else (smtp.domains or
                                                            tuple(a.split("@")[1] for a in mailboxes) or ("",))[0]
+    hash_length = t.get("hash_length", int, SRS_HASH_LENGTH)
+    if not 4 <= hash_length <= 27:
+        raise ConfigError(t.name("hash_length"), f"must be 4..27 (base64 of a SHA-1), got {hash_length}")
     domain = t.get("domain", str, None)
     if domain is not None:
         checked = check_domain(domain)
@@ -258,7 +262,8 @@ def _srs(t: Table, base: Path, server: ServerConfig, smtp: SmtpConfig, mailboxes
     domain = domain or fallback
     if not domain:
         return None  # no domain at all: nothing is accepted, nothing forwarded
-    return SrsConfig(domain, secret or server.state_dir / SRS_SECRET_NAME, made_here=secret is None)
+    return SrsConfig(domain, secret or server.state_dir / SRS_SECRET_NAME, made_here=secret is None,
+                     hash_length=hash_length)
 
 
 def _imap(t: Table, base: Path) -> dict[str, ImapAccount]:
@@ -315,6 +320,8 @@ def _mailboxes(t: Table) -> dict[str, Mailbox]:
         address = address_key(t.name(name), name)
         password = box.get("password", str, None)
         password_hash = box.get("password_hash", str, None)
+        if password == "":  # it would match an empty PASS (issue 10 #10)
+            raise ConfigError(box.name("password"), "must not be empty")
         if password is not None and password_hash is not None:
             raise ConfigError(box.name("password_hash"), "give password or password_hash, not both")
         if password_hash is not None and not password_hash.startswith("scrypt$"):

@@ -171,6 +171,10 @@ class SigningConfig:
 
 # The SRS secret made at the first start when none is configured, in state_dir.
 SRS_SECRET_NAME = "srs.secret"
+# Characters of the hash in our SRS addresses, and the fewest we accept in a bounce address:
+# compared without case, 8 base64 characters are about 2^40 guesses for a forger (libsrs2's 4
+# are 2^20). Set it to 4 only to share the secret with a postsrsd that makes 4.
+SRS_HASH_LENGTH = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +184,7 @@ class SrsConfig:
     domain: str  # [srs].domain, else [signing].domain, else the first of smtp.domains
     secret_file: Path  # one secret a line (postsrsd's format): the first signs, all verify
     made_here: bool  # no secret_file configured: state_dir/srs.secret, created at first start
+    hash_length: int = SRS_HASH_LENGTH
 
 
 # IMAP ports (RFC 8314: implicit TLS on 993; STARTTLS on 143).

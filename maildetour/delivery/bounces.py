@@ -7,9 +7,12 @@ sender that names only the public address (`core.dsn`) and queues it as a new me
 <>; the scheduler submits its copies. `LateBounces.receive` keeps a DSN sent to one of our SRS
 addresses (for `trace`; it is never forwarded) and reports each copy it matches to the
 scheduler as refused after the fact: a hidden copy then detours, an ordinary one gets our own
-private DSN. Only a copy that we delivered for one of the senders the SRS address decodes to,
-and whose bytes we still keep, can match. `LateBounces.run` removes kept bytes past their
-window (`delivery.late_bounce_window`).
+private DSN. Only a copy that left by SMTP (so with an SRS sender) for one of the senders the
+SRS address decodes to, and whose bytes we still keep, can match: a report naming a mailbox
+copy or an address that is no target of ours changes nothing and answers nothing, so reports
+cannot be used to learn where mail goes. The report itself is kept for `trace` only as long as
+the bytes of delivered copies are (`delivery.late_bounce_window`); `LateBounces.run` removes
+kept bytes past their window.
 """
 
 from __future__ import annotations
@@ -51,10 +54,12 @@ class DsnWriter:
 
 
 class LateBounces:
-    def __init__(self, *, store: Store, hostname: str, report: Report, purge_interval: float,
-                 clock: Callable[[], float]) -> None:
-        self.store, self.hostname, self.report = store, hostname, report
-        self.purge_interval, self.clock = purge_interval, clock
+    def __init__(self, *, store: Store, hostname: str, report: Report, left_by_smtp: Callable[[str], bool],
+                 keep_for: float, purge_interval: float, clock: Callable[[], float]) -> None:
+        """`left_by_smtp(target)`: whether copies to `target` leave by SMTP (with our SRS sender);
+        `keep_for`: how long the report's own bytes are kept."""
+        self.store, self.hostname, self.report, self.left_by_smtp = store, hostname, report, left_by_smtp
+        self.keep_for, self.purge_interval, self.clock = keep_for, purge_interval, clock
 
     async def receive(self, message: Message, data: bytes, senders: tuple[str, ...]) -> None:
         """A DSN came back to one of our SRS addresses (which decode to `senders`)."""
@@ -65,8 +70,8 @@ class LateBounces:
         for failed in report.failed:
             for queue_id in report.queue_ids:
                 copy = await self.store.find_copy(queue_id, failed.address)
-                if (copy is not None and copy.state == "delivered" and copy.mail_from.lower() in wanted
-                        and await self.store.kept(copy.queue_id, now)):
+                if (copy is not None and copy.state == "delivered" and self.left_by_smtp(copy.target)
+                        and copy.mail_from.lower() in wanted and await self.store.kept(copy.queue_id, now)):
                     status = enhanced_status(failed.status) or ""
                     matches.append((copy, PermanentFailure(
                         f"late bounce {message.queue_id}: {failed.status} {failed.diagnostic}", 550,
@@ -80,6 +85,7 @@ class LateBounces:
             events.append(Event(now, message.queue_id, None, "quarantined", "",
                                 "late bounce matched no copy we delivered and still keep; kept, not forwarded"))
         await self.store.accept(message, data, [], events)
+        await self.store.finish(message.queue_id, now + self.keep_for)  # nothing to deliver: purged later
         for copy, outcome in matches:
             await self.report(copy, outcome)
 

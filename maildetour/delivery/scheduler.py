@@ -56,7 +56,8 @@ class Scheduler:
         self._seq = itertools.count()
         self._copies: dict[int, Copy] = {}  # every queued copy
         self._by_message: dict[str, set[int]] = {}  # queue id -> its queued copies
-        self._busy: set[int] = set()
+        # Copies in an attempt, each with the attempt's token: an attempt frees only its own.
+        self._busy: dict[int, object] = {}
         self._wake = asyncio.Event()
         self._running = 0  # attempts in flight
         self._flush_requested = self._reload_requested = False
@@ -90,12 +91,11 @@ class Scheduler:
             return  # already queued again (an earlier report about it)
         self._by_message.setdefault(copy.queue_id, set()).add(copy.id)
         self._copies[copy.id] = copy
-        self._busy.add(copy.id)
+        token = self._busy[copy.id] = object()
         try:
-            await self._settle(copy, outcome)
+            await self._settle(copy, outcome, token)
         finally:
-            self._busy.discard(copy.id)
-            self._wake.set()
+            self._free([copy], token)
 
     async def _reload(self) -> None:
         self._reload_requested = False
@@ -128,9 +128,10 @@ class Scheduler:
                 # heap and go out as attempts finish (each one wakes this loop).
                 free = self.max_parallel - self._running
                 for group in self._due_groups(self.clock(), free):
-                    self._busy.update(c.id for c in group)
+                    token = object()
+                    self._busy.update((c.id, token) for c in group)
                     self._running += 1
-                    tasks.create_task(self._attempt(group))
+                    tasks.create_task(self._attempt(group, token))
                 if self._running >= self.max_parallel:
                     timeout = None  # a finishing attempt wakes us
                 else:
@@ -144,16 +145,23 @@ class Scheduler:
         """Up to `limit` groups of due copies (one message, one agent, one batch key each)."""
         groups: dict[_Group, list[Copy]] = {}
         taken: set[int] = set()
+        in_flight: list[tuple[float, int, int]] = []
         while self._heap and self._heap[0][0] <= now:
             if len(groups) >= limit and (self._heap[0][2] not in self._copies
                                          or self._group(self._copies[self._heap[0][2]]) not in groups):
                 break
-            due, _, copy_id = heapq.heappop(self._heap)
+            entry = heapq.heappop(self._heap)
+            due, _, copy_id = entry
             copy = self._copies.get(copy_id)
-            if copy is None or copy_id in self._busy or copy_id in taken or copy.next_at > due:
-                continue  # finished, in flight, taken, or rescheduled (a later entry exists)
+            if copy is None or copy_id in taken or copy.next_at > due:
+                continue  # finished, taken, or rescheduled (a later entry exists)
+            if copy_id in self._busy:  # rescheduled while its attempt settles: due once it has
+                in_flight.append(entry)
+                continue
             taken.add(copy_id)
             groups.setdefault(self._group(copy), []).append(copy)
+        for entry in in_flight:
+            heapq.heappush(self._heap, entry)
         return list(groups.values())
 
     def _group(self, copy: Copy) -> _Group:
@@ -163,43 +171,66 @@ class Scheduler:
         return copy.queue_id, kind, copy.target if hidden else self.agents[kind].batch_key(copy.target)
 
     # --- one attempt ------------------------------------------------------------------------
-    async def _attempt(self, group: list[Copy]) -> None:
+    async def _attempt(self, group: list[Copy], token: object) -> None:
+        """Deliver one group and settle every copy of it. Whatever goes wrong on our side is
+        an outcome too (temporary: the copy is retried, and after its deadline moved on), never
+        a silent loop."""
         first = group[0]
         try:
-            data = await self.store.read(first.queue_id)
-            recipients = tuple(dict.fromkeys(c.target for c in group))
+            try:
+                data = await self.store.read(first.queue_id)
+            except FileNotFoundError:
+                log.error("message %s has no bytes in the spool; quarantining its copies", first.queue_id)
+                for copy in group:
+                    await self._quarantine_lost(copy)
+                return
+            outcomes = await self._deliver(group, data)
+            await asyncio.gather(*(self._settle(copy, outcomes.get(copy.target.lower(), _UNKNOWN), token)
+                                   for copy in group))
+        finally:
+            self._running -= 1
+            self._free(group, token)
+
+    def _free(self, copies: list[Copy], token: object) -> None:
+        """The attempt `token` is over for `copies` (unless a later attempt took one already)."""
+        for copy in copies:
+            if self._busy.get(copy.id) is token:
+                del self._busy[copy.id]
+        self._wake.set()
+
+    async def _deliver(self, group: list[Copy], data: bytes) -> dict[str, Outcome]:
+        first = group[0]
+        recipients = tuple(dict.fromkeys(c.target for c in group))
+        try:
             agent = self.agents[self.table.kind(first.target)]
             job = Job(first.queue_id, first.mail_from, recipients, data, first.received_at)
             reported = await agent.deliver(job)
-            outcomes = {target.lower(): outcome for target, outcome in reported.items()}
-            for copy in group:
-                await self._settle(copy, outcomes.get(copy.target.lower(), _UNKNOWN))
-        except FileNotFoundError:
-            log.error("message %s has no bytes in the spool; quarantining its copies", first.queue_id)
-            for copy in group:
-                await self._quarantine_lost(copy)
-        except Exception:
-            log.exception("delivery of %s failed unexpectedly; retrying later", first.queue_id)
-            for copy in group:
-                self._schedule(replace(copy, next_at=self.clock() + self.retry.first))
-        finally:
-            self._running -= 1
-            self._busy.difference_update(c.id for c in group)
-            self._wake.set()
+        except Exception as exc:  # a bug, or trouble no agent mapped: temporary, and recorded
+            log.exception("delivery of %s failed unexpectedly", first.queue_id)
+            failed = TemporaryFailure(f"internal error while delivering ({type(exc).__name__}); see the server log",
+                                      451, "4.3.0", "a temporary problem on the forwarding side")
+            return {target.lower(): failed for target in recipients}
+        return {target.lower(): outcome for target, outcome in reported.items()}
 
-    async def _settle(self, copy: Copy, outcome: Outcome) -> None:
+    async def _settle(self, copy: Copy, outcome: Outcome, token: object) -> None:
+        """Decide, and write the decision with its events. A copy that stays queued (a retry,
+        or its next detour step, due now) is scheduled before its record commits: the next
+        step starts at once, and its own record is queued behind this one (the store commits
+        in order)."""
         now = self.clock()
         attempted = Attempted(copy.target, copy.origin, copy.hidden, copy.mail_from == "",
                               copy.attempts + 1, copy.first_failure)
         decision = decide(attempted, outcome, now, self.table.destinations, self.retry)
         events = _outcome_events(copy, outcome, now, copy.attempts + 1)
         updated = await self._apply(copy, decision, now, events)
-        if not await self.store.update(updated, events):
+        committed = self.store.update(updated, events)
+        if updated.state == "queued":
+            self._schedule(updated)
+            self._free([copy], token)
+        if not await committed:
             log.info("copy #%d of %s was held or deleted by the operator meanwhile", copy.id, copy.queue_id)
             self._forget(copy)
-        elif updated.state == "queued":
-            self._schedule(updated)
-        else:
+        elif updated.state != "queued":
             await self._finish_copy(updated)
 
     async def _apply(self, copy: Copy, decision: Decision, now: float, events: list[Event]) -> Copy:

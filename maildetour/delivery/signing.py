@@ -23,7 +23,7 @@ from typing import Callable, Mapping
 
 from maildetour.config.model import SigningConfig, SrsConfig
 from maildetour.core.authres import find_results
-from maildetour.core.outcome import Outcome
+from maildetour.core.outcome import Outcome, PermanentFailure
 from maildetour.delivery.base import Agent, Job
 from maildetour.sign.arc import ArcSealError, seal
 from maildetour.sign.dkim import DkimSigner
@@ -57,7 +57,7 @@ def load_srs(srs: SrsConfig, *, create: bool) -> SrsCodec:
     now if it is missing (never overwritten). Raises OSError, or SrsSecretError (ValueError)."""
     if create and srs.made_here:
         make_secret_file(srs.secret_file)
-    return SrsCodec(load_secrets(srs.secret_file), srs.domain)
+    return SrsCodec(load_secrets(srs.secret_file), srs.domain, hash_length=srs.hash_length)
 
 
 class SrsAgent:
@@ -71,7 +71,12 @@ class SrsAgent:
         return self.inner.batch_key(target)
 
     async def deliver(self, job: Job) -> Mapping[str, Outcome]:
-        sender = self.srs.forward(job.mail_from, self.clock()) if job.mail_from else ""
+        try:
+            sender = self.srs.forward(job.mail_from, self.clock()) if job.mail_from else ""
+        except ValueError:  # a sender we accepted but cannot rewrite: never send it as it is
+            refused = PermanentFailure("cannot make an SRS sender of this envelope sender (local check)",
+                                       550, "5.1.7", "the sender address cannot be forwarded")
+            return {r: refused for r in job.recipients}
         return await self.inner.deliver(dataclasses.replace(job, mail_from=sender))
 
     async def close(self) -> None:
@@ -90,7 +95,16 @@ class SigningAgent:
         return self.inner.batch_key(target)
 
     async def deliver(self, job: Job) -> Mapping[str, Outcome]:
-        headers = await asyncio.to_thread(self._headers, job.data, self.clock())
+        """A message dkimpy cannot sign (a sender can write such headers, e.g. "Subject : x")
+        goes out unsigned rather than not at all: the outcome's reason says so."""
+        try:
+            headers = await asyncio.to_thread(self._headers, job.data, self.clock())
+        except Exception as exc:
+            log.warning("copy of %s goes out without DKIM/ARC: signing failed (%s)", job.queue_id,
+                        type(exc).__name__)
+            outcomes = await self.inner.deliver(job)
+            note = f" (sent without DKIM/ARC: signing failed, {type(exc).__name__})"
+            return {r: dataclasses.replace(o, reason=o.reason + note) for r, o in outcomes.items()}
         return await self.inner.deliver(dataclasses.replace(job, data=headers + job.data))
 
     async def close(self) -> None:

@@ -11,8 +11,9 @@ reverses our addresses and we reverse postsrsd's.
 Contract: pure — no I/O except `load_secrets` and `make_secret_file`, no clock (callers pass
 `now` in seconds).
 Where we are stricter than libsrs2: a hash longer than `hash_length` is checked in full (libsrs2
-checks only its first `hash_length` characters); hashes shorter than 4 characters are refused
-whatever `hash_length` is. Where we are more lenient: a timestamp one day in the future is
+checks only its first `hash_length` characters), and a hash shorter than `hash_length` (or than
+4 characters) is refused: with our default of 8 characters a forged address takes about 2^40
+guesses (base64 compared without case), not 2^20. Where we are more lenient: a timestamp one day in the future is
 accepted (clock skew between nodes around midnight). The hash is compared case-insensitively
 (in constant time), as libsrs2 does, because relays lowercase whole addresses.
 
@@ -234,7 +235,7 @@ class SrsCodec:
         return f"{srs0.local}@{srs0.domain}"
 
     def _check_hash(self, given: str, *fields: str) -> SrsError | None:
-        if len(given) < _MIN_HASH:
+        if len(given) < max(_MIN_HASH, self._hash_length):
             return SrsError(SrsErrorKind.HASH_TOO_SHORT, f"{len(given)} characters")
         if len(given) > _MAX_HASH:
             return SrsError(SrsErrorKind.BAD_HASH, "longer than a SHA-1 digest")

@@ -14,7 +14,7 @@ does not overwrite a copy the operator held or deleted meanwhile.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Awaitable, Protocol, Sequence
 
 from maildetour.store.records import Copy, CopyState, Event, Message, NewCopy, Story
 
@@ -27,9 +27,11 @@ class Store(Protocol):
         born in another state than queued gets an event of that kind saying its `why`."""
         ...
 
-    async def update(self, copy: Copy, events: Sequence[Event]) -> bool:
-        """Write a copy's new state together with the events that explain it. False when the
-        operator held or deleted the copy meanwhile (its state was kept; events are written)."""
+    def update(self, copy: Copy, events: Sequence[Event]) -> Awaitable[bool]:
+        """Write a copy's new state together with the events that explain it. Queued at once,
+        so updates commit in the order they were asked for; await the result for the commit.
+        False when the operator held or deleted the copy meanwhile (its state was kept; events
+        are written)."""
         ...
 
     async def unfinished(self) -> list[Copy]:

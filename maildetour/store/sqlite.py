@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO, TypeVar
+from typing import Any, Awaitable, Callable, Sequence, TextIO, TypeVar
 
 from maildetour.store.cache import BytesCache
 from maildetour.store.records import FINAL_STATES, Copy, CopyState, Event, Message, NewCopy, Story
@@ -194,16 +194,21 @@ class SqliteStore:
             }) + "\n")
         self._audit.flush()
 
-    async def _submit(self, func: Callable[[sqlite3.Connection], T], *, spool: bool = False,
-                      events: Sequence[Event] = ()) -> T:
-        """Run `func` in the writer's next transaction; `events` (which `func` may still append
-        to) go to the audit log once it committed."""
+    def _enqueue(self, func: Callable[[sqlite3.Connection], T], *, spool: bool = False,
+                 events: Sequence[Event] = ()) -> asyncio.Future[T]:
+        """Queue `func` for the writer's next transaction, now (ops commit in the order they
+        were queued); `events` (which `func` may still append to) go to the audit log once it
+        committed. The future is done when it has."""
         if self.readonly:  # no writer: read in a thread of its own
-            return await asyncio.to_thread(func, self._conn)
+            return asyncio.ensure_future(asyncio.to_thread(func, self._conn))
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._pending.append(_Op(func, future, spool, events))
         self._wake.set()
-        return await future
+        return future
+
+    async def _submit(self, func: Callable[[sqlite3.Connection], T], *, spool: bool = False,
+                      events: Sequence[Event] = ()) -> T:
+        return await self._enqueue(func, spool=spool, events=events)
 
     # --- the mail's way through -------------------------------------------------------------
     async def accept(self, message: Message, data: bytes, copies: Sequence[NewCopy],
@@ -243,7 +248,7 @@ class SqliteStore:
         self._cache.put(message.queue_id, data)
         return made
 
-    async def update(self, copy: Copy, events: Sequence[Event]) -> bool:
+    def update(self, copy: Copy, events: Sequence[Event]) -> Awaitable[bool]:
         def write(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
                 "UPDATE copies SET target=?, hidden_origin=?, state=?, attempts=?, next_at=?,"
@@ -254,7 +259,7 @@ class SqliteStore:
             _insert_events(conn, events)
             return cur.rowcount == 1
 
-        return await self._submit(write, events=events)
+        return self._enqueue(write, events=events)
 
     async def unfinished(self) -> list[Copy]:
         return await self._submit(lambda conn: _copies(conn, "WHERE c.state = 'queued' ORDER BY c.next_at"))

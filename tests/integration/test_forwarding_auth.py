@@ -32,6 +32,7 @@ import nacl.signing
 import pytest
 import spf
 
+from maildetour.config.model import SRS_HASH_LENGTH
 from maildetour.sign.dkim import generate_key
 from maildetour.sign.srs import SrsCodec, load_secrets
 from tests.harness import Server, late_dsn, running_server
@@ -448,15 +449,17 @@ def test_late_bounce_of_a_hidden_copy_detours_it_and_tells_nobody(
 
 def test_forged_or_expired_srs_addresses_are_refused_at_rcpt(
         tmp_path: Path, keys: Keys, dns_peer: DnsPeer, srs_secret: Path) -> None:
-    codec = SrsCodec(load_secrets(srs_secret), OURS)
+    codec = SrsCodec(load_secrets(srs_secret), OURS, hash_length=SRS_HASH_LENGTH)  # as the server makes them
     genuine = codec.forward(SENDER, time.time())
     tag, digest, rest = genuine.split("=", 2)
-    forged = f"{tag}={'AAAA' if digest != 'AAAA' else 'BBBB'}={rest}"
+    forged = f"{tag}={'AAAAAAAA' if digest != 'AAAAAAAA' else 'BBBBBBBB'}={rest}"
     expired = codec.forward(SENDER, time.time() - 30 * 86400)
+    # Issue 10 #4: libsrs2's 4-character hash of the very same secret is too short to be ours.
+    short = SrsCodec(load_secrets(srs_secret), OURS).forward(SENDER, time.time())
     text = config(dns=dns_peer, key=keys.ours, secret=srs_secret, relays={"gmail.com": "127.0.0.1:9"})
     with running_server(tmp_path, text) as server, server.smtp() as client:
         client.mail("")
-        for address in (forged, expired):
+        for address in (forged, expired, short):
             code, reply = client.rcpt(address)
             assert (code, reply[:5]) == (550, b"5.1.1"), (address, code, reply)
         assert client.rcpt(genuine)[0] == 250
@@ -500,7 +503,7 @@ def test_a_late_bounce_about_a_message_no_longer_kept_is_recorded_not_obeyed(
             assert copy.mail_from == ""  # no SRS address: nothing may come back about this copy
             server.wait_event(queue_id, "delivered", target=HIDDEN)
             # Any valid SRS address of ours lets a report in; this one names that copy.
-            srs = SrsCodec(load_secrets(srs_secret), OURS).forward(SENDER, time.time())
+            srs = SrsCodec(load_secrets(srs_secret), OURS, hash_length=SRS_HASH_LENGTH).forward(SENDER, time.time())
             dsn = late_dsn(to=srs, reporter="gmail.com", final_recipient=HIDDEN, returned=copy.data,
                            marker="late-marker-3")
             dsn_id = server.send(dsn, sender="", to=(srs,))

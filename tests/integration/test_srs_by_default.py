@@ -78,3 +78,37 @@ def test_the_hidden_copy_travels_alone_beside_another_address_at_the_same_host(t
     assert all(m.mail_from.startswith("SRS0=") for m in received)
     pal = next(m for m in received if m.rcpt_tos == ("pal@gmail.com",))
     assert HIDDEN.encode() not in pal.data and b"ituki-ex" not in pal.data
+
+
+def test_a_report_naming_a_mailbox_copy_or_a_stranger_answers_nothing_and_is_not_kept_forever(
+        tmp_path: Path) -> None:
+    """Issue 10 #4: a DSN naming our local mailbox copy made us tell the sender "could not be
+    delivered" (and naming a non-target did not): an oracle for forward targets. Only copies
+    that left by SMTP can match. Issue 10 #5: such reports were kept forever."""
+    import sqlite3
+
+    with running_sink() as gmail, running_sink() as sender_domain:
+        with running_server(tmp_path, gmail=f"{gmail.host}:{gmail.port}",
+                            sender_sink=f"{sender_domain.host}:{sender_domain.port}") as server:
+            queue_id = server.send(message("probe me"))
+            [copy] = gmail.wait_for(1)
+            server.wait_event(queue_id, "delivered", target=PC)
+            server.wait_event(queue_id, "delivered", target=HIDDEN)
+            before = server.events(queue_id)
+            reports = []
+            for named in (PC, "nobody@elsewhere.example"):
+                dsn = late_dsn(to=copy.mail_from, reporter="pc.example.net", final_recipient=named,
+                               returned=copy.data, marker=f"probe-{named}")
+                reports.append(server.send(dsn, sender="", to=(copy.mail_from,)))
+            for dsn_id in reports:
+                server.wait_event(dsn_id, "quarantined")
+            time.sleep(0.5)  # a DSN to alice would have gone out by now
+            assert sender_domain.messages == [] and sender_domain.attempts == 0
+            assert server.events(queue_id) == before
+            conn = sqlite3.connect(f"file:{server.state / 'queue.sqlite3'}?mode=ro", uri=True)
+            try:
+                kept = conn.execute("SELECT finished, keep_until FROM messages WHERE queue_id IN (?, ?)",
+                                    reports).fetchall()
+            finally:
+                conn.close()
+    assert len(kept) == 2 and all(finished == 1 and until is not None for finished, until in kept)

@@ -246,3 +246,40 @@ def test_a_hidden_copy_travels_alone_even_beside_another_address_at_the_same_hos
     run(tmp_path, smtp, ScriptedAgent(ok), [("both@example.com", HIDDEN), ("both@example.com", "pal@gmail.com"),
                                             ("both@example.com", "bud@gmail.com")], text=text)
     assert sorted(j.recipients for j in smtp.jobs) == [("ituki-ex@gmail.com",), ("pal@gmail.com", "bud@gmail.com")]
+
+
+def test_an_agent_that_raises_is_a_recorded_temporary_failure_not_a_silent_loop(tmp_path: Path) -> None:
+    """Issue 10 #1: every exception while attempting a copy becomes an outcome with an event."""
+
+    class Broken(ScriptedAgent):
+        async def deliver(self, job):  # type: ignore[no-untyped-def]
+            self.jobs.append(job)
+            raise RuntimeError("a bug that must not leak its text")
+
+    smtp = Broken(ok)
+    store = run(tmp_path, smtp, ScriptedAgent(ok), [("ituki@example.com", HIDDEN)])
+    [copy] = store.copies.values()
+    assert copy.state == "queued" and copy.attempts == 1 and copy.first_failure is not None
+    [deferred] = [e for e in store.events if e.kind == "deferred"]
+    assert "internal error while delivering (RuntimeError)" in deferred.detail
+    assert "must not leak" not in deferred.detail
+
+
+def test_a_copy_rescheduled_while_its_attempt_settles_is_not_lost(tmp_path: Path) -> None:
+    config = seed_config(tmp_path, CHAIN)
+    store, clock = MemoryStore(), Clock()
+    scheduler = scheduler_for(config, store, ScriptedAgent(ok), ScriptedAgent(ok), clock)
+
+    async def main() -> tuple[list[list[int]], list[list[int]]]:
+        [made] = await store.accept(Message("Q1", "a@b.example", clock.now, "", 1, "c"), b"x\r\n",
+                                    [NewCopy("ituki@example.com", HIDDEN, True)], [])
+        token = object()
+        scheduler._busy[made.id] = token  # its attempt is still settling ...
+        scheduler._schedule(made)  # ... and it is due again (its next detour step)
+        while_busy = [[c.id for c in g] for g in scheduler._due_groups(clock.now, 10)]
+        scheduler._free([made], token)
+        after = [[c.id for c in g] for g in scheduler._due_groups(clock.now, 10)]
+        return while_busy, after
+
+    while_busy, after = asyncio.run(main())
+    assert while_busy == [] and after == [[1]]
