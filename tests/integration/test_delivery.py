@@ -227,3 +227,28 @@ def test_a_quarantined_copy_can_be_released_once_the_cause_is_fixed(tmp_path: Pa
             assert b"Subject: held" in received.data
             events = server.wait_event(queue_id, "delivered", target="box@backup.example")
             assert "released" in [e[0] for e in events]
+
+
+def test_hidden_is_inherited_along_a_chain_reached_from_an_ordinary_destination(tmp_path: Path) -> None:
+    """Issue 10 #7: an ordinary forward target whose detour is the hidden destination; when the
+    hidden one and its own detour refuse too, that is a quarantine, never a bounce naming anyone."""
+    port = free_port("127.0.0.3")
+    chain = """
+[forward."team@example.com"]
+to = ["friend@example.org"]
+
+[destination."friend@example.org"]
+detour = "ituki-ex@gmail.com"
+"""
+    text = _seed_with(f'"gmail.com" = "127.0.0.3:{port}", "example.org" = "127.0.0.3:{port}", '
+                      f'"backup.example" = "127.0.0.3:{port}", "sender.example" = "127.0.0.3:{port}"', chain) \
+        .replace('detour       = "ituki@gm.example.net"', 'detour       = "box@backup.example"')
+    refuse_all = lambda address: None if address.startswith("alice@") else "550 5.7.1 no"  # noqa: E731
+    with running_sink(host="127.0.0.3", port=port, rcpt=refuse_all) as everything, \
+            running_server(tmp_path, text) as server:
+        queue_id = server.send(message("through hidden", to="team@example.com"), to=("team@example.com",))
+        events = server.wait_event(queue_id, "quarantined", target="box@backup.example")
+        time.sleep(0.5)  # a DSN to alice would have gone out by now
+    assert [e[1] for e in events if e[0] == "detoured"] == ["ituki-ex@gmail.com", "box@backup.example"]
+    assert "bounced" not in [e[0] for e in events] and "dsn-sent" not in [e[0] for e in events]
+    assert everything.messages == []  # every target refused at RCPT; alice would have been taken
