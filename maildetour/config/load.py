@@ -139,18 +139,61 @@ def _smtp(t: Table, base: Path) -> SmtpConfig:
             raise ConfigError(f"{t.name('domains')}[{i}]", f"{name!r}: {checked.reason}")
         domains.append(checked)
     cert, key = _tls_pair(t, base)
+    # Per-client limits (inbound.limits): see SmtpConfig for each reason.
+    import ipaddress
+
+    max_sessions = _positive_int(t, "max_sessions", d.max_sessions)
+    per_client = _positive_int(t, "max_sessions_per_client",
+                               max(1, min(d.max_sessions_per_client, max_sessions // 2)))
+    if per_client > max_sessions:
+        raise ConfigError(t.name("max_sessions_per_client"), f"must not exceed max_sessions ({max_sessions})")
+
+    def rate(sub: str, default: int) -> int:  # 0 turns the limit off
+        value = t.get(sub, int, default)
+        if value < 0:
+            raise ConfigError(t.name(sub), f"must be 0 (no limit) or positive, got {value}")
+        return value
+
+    def seconds(sub: str, default: float) -> float:
+        value = t.convert(sub, parse_duration, default)
+        if value <= 0:
+            raise ConfigError(t.name(sub), "must be positive")
+        return value
+
+    unlimited = []
+    for i, text in enumerate(t.strings("unlimited_clients", d.unlimited_clients)):
+        try:
+            unlimited.append(str(ipaddress.ip_network(text, strict=False)))
+        except ValueError:
+            raise ConfigError(f"{t.name('unlimited_clients')}[{i}]", f"{text!r} is not an address or network") from None
     config = SmtpConfig(
         listen=_listen(t, "listen", d.listen),
         domains=tuple(domains),
         max_message_size=t.convert("max_message_size", parse_size, d.max_message_size),
         max_received=_positive_int(t, "max_received", d.max_received),
-        max_sessions=_positive_int(t, "max_sessions", d.max_sessions),
+        max_sessions=max_sessions,
         max_recipients=_positive_int(t, "max_recipients", d.max_recipients),
         command_timeout=t.convert("command_timeout", parse_duration, d.command_timeout),
         data_timeout=t.convert("data_timeout", parse_duration, d.data_timeout),
         max_line_length=_positive_int(t, "max_line_length", d.max_line_length),
         tls_cert=cert,
         tls_key=key,
+        max_sessions_per_client=per_client,
+        max_commands_without_progress=_positive_int(t, "max_commands_without_progress",
+                                                    d.max_commands_without_progress),
+        max_session_time=seconds("max_session_time", d.max_session_time),
+        max_refused_recipients=_positive_int(t, "max_refused_recipients", d.max_refused_recipients),
+        max_refused_per_client=_positive_int(t, "max_refused_per_client", d.max_refused_per_client),
+        refused_window=seconds("refused_window", d.refused_window),
+        client_connections_per_minute=rate("client_connections_per_minute", d.client_connections_per_minute),
+        client_messages_per_minute=rate("client_messages_per_minute", d.client_messages_per_minute),
+        client_recipients_per_minute=rate("client_recipients_per_minute", d.client_recipients_per_minute),
+        sender_domain_messages_per_minute=rate("sender_domain_messages_per_minute",
+                                               d.sender_domain_messages_per_minute),
+        sender_domain_recipients_per_minute=rate("sender_domain_recipients_per_minute",
+                                                 d.sender_domain_recipients_per_minute),
+        unlimited_clients=tuple(unlimited),
+        max_tracked_clients=_positive_int(t, "max_tracked_clients", d.max_tracked_clients),
     )
     t.finish()
     return config
@@ -199,6 +242,7 @@ def _delivery(t: Table) -> DeliveryConfig:
         tls=tls,
         late_bounce_window=t.convert("late_bounce_window", parse_duration, d.late_bounce_window),
         max_parallel_attempts=_positive_int(t, "max_parallel_attempts", d.max_parallel_attempts),
+        destination_rate_delay=t.convert("destination_rate_delay", parse_duration, d.destination_rate_delay),
         connection_idle_timeout=t.convert("connection_idle_timeout", parse_duration,
                                           d.connection_idle_timeout),
         message_cache=t.convert("message_cache", _size_or_zero, d.message_cache),

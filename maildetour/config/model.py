@@ -52,6 +52,45 @@ class SmtpConfig:
     max_line_length: int = 8192
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # --- Per-client limits (inbound.limits). A client is an IPv4 address or an IPv6 /64. ---
+    # Sessions at once from one client, like Postfix's smtpd_client_connection_count_limit (50
+    # of its 100 processes). Not set: at most half of max_sessions, so that one client never
+    # holds every slot (issue 10 #8). More get 421 4.7.0.
+    max_sessions_per_client: int = 50
+    # Commands in a row that move no transaction on (NOOP, RSET, HELP, VRFY, EXPN, EHLO again,
+    # refused or malformed ones); an accepted MAIL, RCPT or DATA starts the count again. A
+    # client needs a handful (EHLO, STARTTLS, EHLO, RSET); Postfix hangs up after 20 errors
+    # (smtpd_hard_error_limit). Stops NOOP from keeping an idle session alive. Then 421.
+    max_commands_without_progress: int = 20
+    # A session's whole life, checked at each command: MTAs reuse a connection for minutes at
+    # most (Postfix: smtp_connection_reuse_time_limit, 300 s); an hour bounds a client that
+    # holds a slot with a command now and then, and no real queue run comes near it. Then 421.
+    max_session_time: float = 3600.0
+    # Refused recipients in one session before 421, like Postfix's smtpd_hard_error_limit:
+    # guessing addresses or SRS hashes (issue 10 #4: 300 in 0.5 s) needs a new session per 20.
+    max_refused_recipients: int = 20
+    # Refused recipients from one client within refused_window; beyond, every RCPT gets 450
+    # 4.7.1 without being looked up, so the answer tells nothing. A sender with a few stale
+    # addresses stays far below; a dictionary attack gets 100 guesses an hour.
+    max_refused_per_client: int = 100
+    refused_window: float = 3600.0
+    # Rates per minute (0: no limit), each a token bucket that allows a burst of the full
+    # amount. A personal forwarder gets a few messages a minute from any one client or sender
+    # domain; these stop a flood long before it fills the disk or makes Gmail throttle the
+    # forwarded copies, while a mailing list burst or a retried queue passes. Connections over
+    # the rate get 421 4.7.0, messages (at MAIL) and recipients (at RCPT) 450 4.7.1.
+    client_connections_per_minute: int = 60
+    client_messages_per_minute: int = 60
+    client_recipients_per_minute: int = 200
+    sender_domain_messages_per_minute: int = 120
+    sender_domain_recipients_per_minute: int = 400
+    # Networks the limits that count across sessions (sessions per client, the rates, refused
+    # recipients per client) do not apply to: loopback, like Postfix's $mynetworks exceptions.
+    # Only local programs connect from there (and the benchmark's smtp-source: 5,000 messages
+    # over 20 sessions). Limits within one session apply to every client.
+    unlimited_clients: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # Clients and sender domains each rate table remembers; the least recently seen go first.
+    max_tracked_clients: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +128,27 @@ class Pop3Settings:
     max_tracked_failures: int = 10_000
     # Time allowed for a TLS handshake (implicit or after STLS).
     tls_handshake_timeout: float = 30.0
+    # Connections not yet logged in from one client address (IPv6: its /64): a mail program
+    # or fetcher opens one or two at a time; one address must not hold every slot (issue 10
+    # #8: 100 idle connections from one address locked the owner out).
+    max_unauthenticated_per_client: int = 10
+    # Commands before a login that are not themselves a login attempt (CAPA, STLS, USER...):
+    # a client needs about six (CAPA, STLS, CAPA, USER per attempt); CAPA every few minutes
+    # must not keep a connection alive forever. Login attempts have their own limit above.
+    max_commands_before_login: int = 20
+    # From connect to a successful login, whatever the client does meanwhile: real clients
+    # log in within seconds (TLS handshake, three failed logins with their delay included).
+    login_timeout: float = 60.0
+    # Whole session, logged in or not: a client that reads a byte now and then must not hold
+    # the mailbox lock and a slot forever. Two hours fetch about 900 MB at 1 Mbit/s; a client
+    # cut off logs in again and goes on by UIDL.
+    max_session_time: float = 7200.0
+    # Threads that run scrypt for logins, apart from every other pool: each run is ~60 ms of
+    # CPU and 16 MiB; two use both cores of a small host at most and leave SMTP responsive.
+    password_workers: int = 2
+    # Threads for Maildir reads, listings and removals of POP3 sessions, apart from the shared
+    # default pool (spool writes, local delivery), so neither can stall the other.
+    io_workers: int = 4
 
     def __post_init__(self) -> None:
         for item in fields(self):
@@ -130,6 +190,11 @@ class DeliveryConfig:
     late_bounce_window: float = 3 * 86400.0
     # How often kept bytes past their window are removed.
     purge_interval: float = 3600.0
+    # Least time between two deliveries to one destination (a recipient domain, an IMAP
+    # account), like Postfix's default_destination_rate_delay: 0 sends as fast as it can. When
+    # a destination says we send too fast (Gmail's 4.7.28, 4.2.1), the whole destination waits
+    # retry_first, doubling while it keeps saying so (up to retry_max), whatever this is.
+    destination_rate_delay: float = 0.0
     # Attempts in flight at once, over all next hops (each host also has its own limit): a
     # drained backlog of 100,000 due copies must not become 100,000 tasks at once.
     max_parallel_attempts: int = 200

@@ -36,6 +36,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 class Verdict(enum.Enum):
     TEMPORARY = "temporary"
+    SLOW_DOWN = "slow down"  # temporary, and the whole destination should wait (rate limiting)
     PERMANENT = "permanent"
     ALERT = "alert"  # permanent, and the operator should look at it
 
@@ -60,12 +61,12 @@ NAMED_REPLIES: tuple[NamedReply, ...] = (
     NamedReply("5.7.1", Verdict.PERMANENT, "blocked as likely spam or by policy"),
     # Gmail 421 4.7.28: unusual rate of unsolicited mail from our IP or domain; we are
     # rate limited for a while.
-    NamedReply("4.7.28", Verdict.TEMPORARY, "rate limited: unusual rate of spam"),
+    NamedReply("4.7.28", Verdict.SLOW_DOWN, "rate limited: unusual rate of spam"),
     # Gmail 421/450 4.7.0: temporary policy deferral (suspicious message, missing
     # authentication, IP not yet trusted, TLS required); retry later.
     NamedReply("4.7.0", Verdict.TEMPORARY, "deferred by policy"),
     # Gmail 450 4.2.1: the recipient is receiving mail too fast; retry later.
-    NamedReply("4.2.1", Verdict.TEMPORARY, "recipient receiving mail too fast"),
+    NamedReply("4.2.1", Verdict.SLOW_DOWN, "recipient receiving mail too fast"),
     # Gmail 451 4.3.0: the mail server temporarily rejected the message (internal trouble).
     NamedReply("4.3.0", Verdict.TEMPORARY, "temporary server problem"),
     # Gmail 421 4.4.5: server busy, try again later.
@@ -118,6 +119,8 @@ def classify_reply(code: int, text: str) -> Outcome:
         match named.verdict:
             case Verdict.TEMPORARY:
                 return TemporaryFailure(reply, code, status, named.meaning)
+            case Verdict.SLOW_DOWN:
+                return TemporaryFailure(reply, code, status, named.meaning, slow_down=True)
             case Verdict.PERMANENT:
                 return PermanentFailure(reply, code, status, named.meaning)
             case Verdict.ALERT:

@@ -31,12 +31,15 @@ class Delivered:
 
 @dataclass(frozen=True, slots=True)
 class TemporaryFailure:
-    """Try again later: 4xx replies, timeouts, dropped connections, unclassified errors."""
+    """Try again later: 4xx replies, timeouts, dropped connections, unclassified errors.
+    `slow_down`: the receiver says we send too fast (Gmail's 4.7.28, 4.2.1): the whole
+    destination waits, not just this copy."""
 
     reason: str
     code: int = 451
     status: str = "4.0.0"
     public: str = "temporarily not accepted by the receiving system"
+    slow_down: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,9 @@
 Pure: no I/O apart from reading random bytes for the salt. Exposure: internal (the POP3 server
 calls `verify_password` with what a client sent; `maildetour passwd` calls `hash_password`).
 Failure: `verify_password` never raises for bad input: a malformed, truncated or absurdly
-expensive hash string simply does not match (False). Comparison is constant-time.
+expensive hash string simply does not match (False). Comparison is constant-time. An empty
+password never matches, whatever the stored hash (even a hash of ""): a client that sends an
+empty PASS gets in nowhere (issue 10 #10); the scrypt run is still made, so it takes as long.
 
 Format: `scrypt` `$` parameters `$` salt `$` derived key, salt and key in unpadded standard
 base64. `ln` is log2 of the CPU/memory cost N. The defaults are scrypt's "interactive login"
@@ -37,7 +39,8 @@ def hash_password(plain: str) -> str:
 
 
 def verify_password(encoded: str, plain: str) -> bool:
-    """True when `plain` matches the hash `encoded`; False for a mismatch or malformed hash."""
+    """True when `plain` matches the hash `encoded`; False for a mismatch, a malformed hash,
+    or an empty `plain`."""
     parts = encoded.split("$")
     if len(parts) != 4 or parts[0] != _SCHEME:
         return False
@@ -51,7 +54,7 @@ def verify_password(encoded: str, plain: str) -> bool:
         candidate = _derive(plain.encode("utf-8", "surrogatepass"), salt, log2_n, r, p, len(key))
     except (ValueError, MemoryError, UnicodeError):
         return False
-    return hmac.compare_digest(candidate, key)
+    return hmac.compare_digest(candidate, key) and plain != ""
 
 
 def _derive(secret: bytes, salt: bytes, log2_n: int, r: int, p: int, length: int) -> bytes:

@@ -91,7 +91,10 @@ def decide(
     now: float,
     destinations: Mapping[str, Destination],
     retry: RetryRules,
+    not_before: float | None = None,
 ) -> Decision:
+    """`not_before`: the copy's destination asked us to slow down until then (a retry comes
+    no earlier, but never later than the step's deadline: waiting counts toward it)."""
     chain = detour_chain(destinations, copy.origin)
     here, after = chain.step(copy.target), chain.after(copy.target)
     dest = destinations.get(copy.target.lower())
@@ -104,9 +107,9 @@ def decide(
         case Unreachable(reason=reason) if after is not None:
             return _give_up(after, hidden, copy.null_sender, outcome, f"unreachable: {reason}")
         case Unreachable(reason=reason):
-            return _temporary(copy, here, after, hidden, now, retry, outcome, f"unreachable: {reason}")
+            return _temporary(copy, here, after, hidden, now, retry, outcome, f"unreachable: {reason}", not_before)
         case TemporaryFailure(reason=reason):
-            return _temporary(copy, here, after, hidden, now, retry, outcome, f"deferred: {reason}")
+            return _temporary(copy, here, after, hidden, now, retry, outcome, f"deferred: {reason}", not_before)
     raise AssertionError(f"unknown outcome {outcome!r}")
 
 
@@ -141,6 +144,7 @@ def _temporary(
     retry: RetryRules,
     outcome: Outcome,
     reason: str,
+    not_before: float | None,
 ) -> Decision:
     first = copy.first_failure if copy.first_failure is not None else now
     waited = now - first
@@ -148,6 +152,8 @@ def _temporary(
     if limit is not None and waited >= limit:
         return _give_up(after, hidden, copy.null_sender, outcome, f"{reason} for {waited:.0f}s")
     at = now + min(retry.first * 2 ** max(copy.attempts - 1, 0), retry.longest)
+    if not_before is not None:
+        at = max(at, not_before)
     if limit is not None:
         at = min(at, first + limit)
     return Retry(at, first)

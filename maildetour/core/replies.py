@@ -25,6 +25,9 @@ RELAY_DENIED = Reply(554, "5.7.1 Relay access denied")
 BAD_RECIPIENT = Reply(553, "5.1.3 Recipient address not accepted")
 BAD_SENDER = Reply(553, "5.1.7 Sender address not accepted")
 SOURCE_ROUTE = Reply(553, "5.1.3 Source routes are not accepted")
+# Quoted local parts, comments and backslash escapes: aiosmtpd would strip or unquote them
+# before our parser saw the address, so they are refused on the raw argument (docs/quirks.md).
+ADDRESS_FORM = Reply(553, "5.1.3 Quoted strings and comments in addresses are not accepted")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3 Too many recipients")
 # Bounces to our SRS addresses and ordinary mail go in separate transactions (452: the client
 # sends the rest again in a new one, RFC 5321 3.3).
@@ -34,6 +37,24 @@ TOO_BIG = Reply(552, "5.3.4 Message size exceeds the fixed limit")
 LINE_TOO_LONG = Reply(500, "5.5.2 Line too long")
 INTERNAL_ERROR = Reply(451, "4.3.0 Internal error, please try again later")
 TOO_MANY_SESSIONS = Reply(421, "4.7.0 Too many connections, please try again later")
+# The store could not write (disk full: ENOSPC, EDQUOT, SQLITE_FULL): nothing was accepted.
+NO_STORAGE = Reply(452, "4.3.1 Insufficient system storage, please try again later")
+# A command line that ends in a bare LF or holds a bare CR: the client and we might disagree
+# on where a command ends, so we answer like Postfix's smtpd_forbid_bare_newline and hang up.
+BARE_LF_COMMAND = Reply(521, "5.5.2 Bare CR or LF in a command line; use CRLF. Closing connection")
+
+# Per-client limits (inbound.limits). 421 closes the connection; 450 refuses one command.
+CLIENT_SESSIONS = Reply(421, "4.7.0 Too many connections from your address, please try again later")
+CLIENT_CONNECTION_RATE = Reply(421, "4.7.0 Too many connections from your address per minute, "
+                                    "please try again later")
+NO_PROGRESS = Reply(421, "4.7.0 Too many commands without progress, closing connection")
+SESSION_TIME = Reply(421, "4.7.0 Session time limit reached, closing connection")
+SESSION_REFUSED = Reply(421, "4.7.0 Too many refused recipients, closing connection")
+CLIENT_REFUSED = Reply(450, "4.7.1 Too many refused recipients from your address, try again later")
+CLIENT_MESSAGE_RATE = Reply(450, "4.7.1 Too much mail from your address, try again later")
+CLIENT_RECIPIENT_RATE = Reply(450, "4.7.1 Too many recipients from your address, try again later")
+DOMAIN_MESSAGE_RATE = Reply(450, "4.7.1 Too much mail from this sender domain, try again later")
+DOMAIN_RECIPIENT_RATE = Reply(450, "4.7.1 Too many recipients from this sender domain, try again later")
 
 
 def queued(queue_id: str) -> Reply:

@@ -121,8 +121,8 @@ def outcome_for_append(response: Response, place: str, folder: str) -> Outcome:
     for row in _APPEND_REPLIES:
         if row.code in ("", code) and row.text in text.lower():
             reason = f"{place}: APPEND to {folder!r} refused: NO {text}"
-            if row.temporary:
-                return TemporaryFailure(reason, row.smtp, row.status, row.public)
+            if row.temporary:  # Gmail's "bandwidth limits": the whole account waits
+                return TemporaryFailure(reason, row.smtp, row.status, row.public, slow_down=row.text == "bandwidth")
             return PermanentFailure(reason, row.smtp, row.status, row.public, row.alert)
     raise AssertionError("the last row of _APPEND_REPLIES matches every NO")
 

@@ -17,8 +17,9 @@ import asyncio
 import heapq
 import itertools
 import logging
-from dataclasses import replace
-from typing import Callable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Callable, Iterable, Mapping
 
 from maildetour.core.outcome import Delivered, Outcome, PermanentFailure, TemporaryFailure, Unreachable
 from maildetour.core.policy import (
@@ -44,14 +45,26 @@ log = logging.getLogger("maildetour.delivery")
 _Group = tuple[str, Kind, str]  # queue id, kind of agent, the agent's batch key
 
 
+@dataclass(slots=True)
+class _Throttle:
+    """A destination that said we send too fast: nothing goes there before `until`."""
+
+    until: float
+    delay: float  # how long this time; doubles while the destination keeps saying so
+
+
 class Scheduler:
     def __init__(self, *, store: Store, table: RoutingTable, agents: Mapping[Kind, Agent],
                  retry: RetryRules, max_parallel: int, dsn: DsnWriter, keep_for: float | None,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], rate_delay: float = 0.0) -> None:
         """`keep_for`: how long a finished message's bytes stay for late bounces (None: not
-        kept, when nothing can come back to an SRS address of ours)."""
+        kept, when nothing can come back to an SRS address of ours). `rate_delay`: least time
+        between two deliveries to one destination (0: none)."""
         self.store, self.table, self.agents, self.dsn = store, table, agents, dsn
         self.retry, self.max_parallel, self.keep_for, self.clock = retry, max_parallel, keep_for, clock
+        self.rate_delay = rate_delay
+        self._throttles: dict[str, _Throttle] = {}  # destination -> asked us to slow down
+        self._next_start: dict[str, float] = {}  # destination -> earliest next delivery (pacing)
         self._heap: list[tuple[float, int, int]] = []  # (due, tie-breaker, copy id)
         self._seq = itertools.count()
         self._copies: dict[int, Copy] = {}  # every queued copy
@@ -158,11 +171,31 @@ class Scheduler:
             if copy_id in self._busy:  # rescheduled while its attempt settles: due once it has
                 in_flight.append(entry)
                 continue
+            key = self._group(copy)
+            if key not in groups and self.rate_delay > 0:
+                destination = self._destination(copy)
+                start = self._next_start.get(destination or "", 0.0) if destination else 0.0
+                if start > now:  # paced: this destination's next delivery may start then
+                    in_flight.append((start, entry[1], copy_id))
+                    continue
+                if destination:
+                    self._next_start[destination] = now + self.rate_delay
             taken.add(copy_id)
-            groups.setdefault(self._group(copy), []).append(copy)
+            groups.setdefault(key, []).append(copy)
         for entry in in_flight:
             heapq.heappush(self._heap, entry)
         return list(groups.values())
+
+    def _destination(self, copy: Copy) -> str | None:
+        """What paces and throttles apply to: the recipient domain, or the IMAP account; None
+        for our own mailboxes."""
+        match self.table.kind(copy.target):
+            case "local":
+                return None
+            case "imap":
+                return copy.target
+            case _:
+                return copy.target.rpartition("@")[2].lower()
 
     def _group(self, copy: Copy) -> _Group:
         """A hidden copy travels alone: no receiver sees it beside another address."""
@@ -201,6 +234,13 @@ class Scheduler:
     async def _deliver(self, group: list[Copy], data: bytes) -> dict[str, Outcome]:
         first = group[0]
         recipients = tuple(dict.fromkeys(c.target for c in group))
+        destination = self._destination(first)
+        throttle = self._throttles.get(destination or "")
+        if throttle is not None and throttle.until > self.clock():  # not tried: no storm of retries
+            until = datetime.fromtimestamp(throttle.until, timezone.utc).strftime("%H:%M:%SZ")
+            waiting = TemporaryFailure(f"not tried: {destination} asked us to slow down (until {until})",
+                                       451, "4.7.0", "the receiving system asked us to slow down")
+            return {target.lower(): waiting for target in recipients}
         try:
             agent = self.agents[self.table.kind(first.target)]
             job = Job(first.queue_id, first.mail_from, recipients, data, first.received_at)
@@ -210,7 +250,21 @@ class Scheduler:
             failed = TemporaryFailure(f"internal error while delivering ({type(exc).__name__}); see the server log",
                                       451, "4.3.0", "a temporary problem on the forwarding side")
             return {target.lower(): failed for target in recipients}
+        if destination is not None:
+            self._feedback(destination, reported.values())
         return {target.lower(): outcome for target, outcome in reported.items()}
+
+    def _feedback(self, destination: str, outcomes: Iterable[Outcome]) -> None:
+        """A destination that says we send too fast waits, longer each time it says so again;
+        one that takes a copy is back to normal."""
+        found = list(outcomes)
+        if any(isinstance(o, TemporaryFailure) and o.slow_down for o in found):
+            known = self._throttles.get(destination)
+            delay = min(known.delay * 2, self.retry.longest) if known is not None else self.retry.first
+            self._throttles[destination] = _Throttle(self.clock() + delay, delay)
+            log.warning("%s asked us to slow down: nothing goes there for %.0fs", destination, delay)
+        elif any(isinstance(o, Delivered) for o in found):
+            self._throttles.pop(destination, None)
 
     async def _settle(self, copy: Copy, outcome: Outcome, token: object) -> None:
         """Decide, and write the decision with its events. A copy that stays queued (a retry,
@@ -220,7 +274,9 @@ class Scheduler:
         now = self.clock()
         attempted = Attempted(copy.target, copy.origin, copy.hidden, copy.mail_from == "",
                               copy.attempts + 1, copy.first_failure)
-        decision = decide(attempted, outcome, now, self.table.destinations, self.retry)
+        throttle = self._throttles.get(self._destination(copy) or "")
+        not_before = throttle.until if throttle is not None and throttle.until > now else None
+        decision = decide(attempted, outcome, now, self.table.destinations, self.retry, not_before)
         events = _outcome_events(copy, outcome, now, copy.attempts + 1)
         updated = await self._apply(copy, decision, now, events)
         committed = self.store.update(updated, events)

@@ -44,6 +44,13 @@ def test_gmail_deferrals_are_temporary(code: int, text: str) -> None:
     assert isinstance(classify_reply(code, text), TemporaryFailure)
 
 
+def test_gmail_rate_limits_ask_the_whole_destination_to_slow_down() -> None:
+    for code, text in ((421, "4.7.28 unusual rate of unsolicited mail"), (450, "4.2.1 receiving mail too quickly")):
+        outcome = classify_reply(code, text)
+        assert isinstance(outcome, TemporaryFailure) and outcome.slow_down
+    assert not classify_reply(451, "4.3.0 Mail server temporarily rejected message.").slow_down  # type: ignore[union-attr]
+
+
 def test_no_such_mailbox_is_permanent_and_alerts_the_operator() -> None:
     outcome = classify_reply(550, "5.1.1 The email account that you tried to reach does not exist.")
     assert outcome == PermanentFailure(

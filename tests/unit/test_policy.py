@@ -153,3 +153,12 @@ def test_a_skipped_hidden_copy_detours_like_a_refused_one() -> None:
     refusal = skipped(dest, {"dmarc": "fail"})
     assert refusal is not None
     assert isinstance(decide(copy(), refusal, NOW, {HIDDEN: dest}, DELIVERY), Detour)
+
+
+def test_a_destination_asking_to_slow_down_delays_the_retry_but_never_past_the_deadline() -> None:
+    later = decide(copy(first_failure=NOW - 100), TemporaryFailure("421 4.7.28"), NOW, DESTS, DELIVERY,
+                   not_before=NOW + 300)
+    assert later == Retry(at=NOW + 300, first_failure=NOW - 100)
+    capped = decide(copy(first_failure=NOW - 500), TemporaryFailure("421 4.7.28"), NOW, DESTS, DELIVERY,
+                    not_before=NOW + 3000)
+    assert capped == Retry(at=NOW + 100, first_failure=NOW - 500)  # the detour deadline comes first

@@ -283,3 +283,64 @@ def test_a_copy_rescheduled_while_its_attempt_settles_is_not_lost(tmp_path: Path
 
     while_busy, after = asyncio.run(main())
     assert while_busy == [] and after == [[1]]
+
+
+def test_a_destination_that_says_slow_down_waits_as_a_whole(tmp_path: Path) -> None:
+    """Issue 10, rate control out: after Gmail's 421 4.7.28 nothing else goes to gmail.com until
+    the wait is over (no storm of retries), and the wait counts toward detour_after."""
+    config = seed_config(tmp_path, CHAIN.replace('detour_after = "10m"', 'detour_after = "90s"'))
+    store, clock = MemoryStore(), Clock()
+    slow = TemporaryFailure("421 4.7.28 unusual rate", 421, "4.7.28", "rate limited", slow_down=True)
+    smtp = ScriptedAgent(lambda r, n: slow)
+    scheduler = scheduler_for(config, store, smtp, ScriptedAgent(ok), clock)
+
+    async def main() -> None:
+        task = asyncio.create_task(scheduler.run())
+        for i in range(2):
+            made = await store.accept(Message(f"Q{i}", "a@b.example", clock.now, "", 1, "c"), b"x\r\n",
+                                      [NewCopy("ituki@example.com", HIDDEN, True)], [])
+            scheduler.submit(made)
+            await asyncio.sleep(0.05)
+        assert len(smtp.jobs) == 1  # the second copy was not tried: gmail.com asked us to wait
+        clock.now += 61  # the wait (retry_first) is over: the next one is tried, says slow down
+        scheduler.flush()  # again, and the other waits again (for twice as long now)
+        await asyncio.sleep(0.05)
+        assert len(smtp.jobs) == 2
+        clock.now += 121  # the wait is over again, and detour_after (90s) has passed
+        scheduler.flush()
+        await asyncio.sleep(0.1)
+        task.cancel()
+
+    asyncio.run(main())
+    second = [e for e in store.events if e.queue_id == "Q1"]
+    assert [e.kind for e in second][:1] == ["deferred"] and "asked us to slow down" in second[0].detail
+    assert {c.target for c in store.copies.values()} == {DETOUR}  # both moved on; never a refusal
+    assert len(smtp.jobs) == 3 and "refused" not in [e.kind for e in store.events]
+
+
+def test_deliveries_to_one_destination_are_paced_by_destination_rate_delay(tmp_path: Path) -> None:
+    config = seed_config(tmp_path, CHAIN)
+    store, clock = MemoryStore(), Clock()
+    smtp = ScriptedAgent(ok)
+    dsn = DsnWriter(store=store, hostname="mx.example.com", redactor=Redactor(frozenset()))
+    scheduler = Scheduler(store=store, table=config.routing_table(), agents={"smtp": smtp, "local": ScriptedAgent(ok)},
+                          retry=config.delivery.retry, max_parallel=10, dsn=dsn, keep_for=None, clock=clock,
+                          rate_delay=30.0)
+
+    async def main() -> list[int]:
+        task = asyncio.create_task(scheduler.run())
+        seen = []
+        for i in range(3):
+            made = await store.accept(Message(f"Q{i}", "a@b.example", clock.now, "", 1, "c"), b"x\r\n",
+                                      [NewCopy("ituki@example.com", HIDDEN, True)], [])
+            scheduler.submit(made)
+        await asyncio.sleep(0.05)
+        seen.append(len(smtp.jobs))
+        clock.now += 30
+        scheduler.flush()
+        await asyncio.sleep(0.05)
+        seen.append(len(smtp.jobs))
+        task.cancel()
+        return seen
+
+    assert asyncio.run(main()) == [1, 2]
