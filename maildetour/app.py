@@ -36,10 +36,12 @@ from maildetour.delivery.scheduler import Scheduler
 from maildetour.delivery.screen import ScreeningAgent
 from maildetour.delivery.signing import SigningAgent, SigningKeys, SrsAgent, load_keys, load_srs
 from maildetour.delivery.smtp_out import SmtpAgent
+from maildetour.delivery.tls_policy import MtaSts, TlsPolicies
 from maildetour.inbound.handler import Checks, Handler, InboundLimits
 from maildetour.inbound.server import SessionFactory, start_smtp
 from maildetour.pop3.server import Pop3Account, Pop3Server, start_pop3
 from maildetour.sign.srs import SrsCodec
+from maildetour.statelock import hold_state_dir
 from maildetour.store.sqlite import SqliteStore
 from maildetour.verify.dnsfunc import DnsLookup
 
@@ -141,10 +143,15 @@ def build(config: Config, clock: Callable[[], float]) -> Parts:
     store = SqliteStore(config.queue_db, config.spool_dir, config.audit_log,
                         cache_bytes=delivery.message_cache, cache_seconds=delivery.message_cache_seconds)
     store.recover()
+    verify_context = ssl.create_default_context(cafile=str(delivery.tls_ca_file) if delivery.tls_ca_file else None)
+    sts = MtaSts(async_resolver, context=verify_context, port=delivery.mta_sts_port,
+                 timeout=delivery.connect_timeout, clock=clock) if delivery.mta_sts else None
+    policies = TlsPolicies(default=delivery.tls, per_domain=delivery.tls_policy,
+                           per_address={a: d.tls for a, d in table.destinations.items()}, sts=sts)
     smtp: Agent = SmtpAgent(
         local_hostname=config.server.hostname,
         nexthop=NextHopResolver(async_resolver, relay=delivery.relay, port=delivery.smtp_port),
-        settings=delivery)
+        settings=delivery, policies=policies, verify_context=verify_context)
     if keys is not None:
         smtp = SigningAgent(smtp, keys=keys, authserv_id=authserv_id, clock=clock,
                             dnsfunc=DnsLookup(sync_resolver, timeout=config.checks.timeout))
@@ -203,6 +210,12 @@ class App:
         self._stop.set()
 
     async def run(self) -> None:
+        """Serve until stopped. The state dir's lock comes before anything else: a second
+        server on it stops here (StateDirBusy), having touched no file, the pid file included."""
+        with hold_state_dir(self.config.server.state_dir):
+            await self._serve()
+
+    async def _serve(self) -> None:
         config = self.config
         parts = build(config, self.clock)
         self._handle_signals(parts.scheduler)

@@ -16,6 +16,7 @@ from maildetour.config.model import (
     IMAP_CONNECTIONS,
     IMAP_PORTS,
     IMAP_TIMEOUT,
+    TLS_MODES,
     SRS_HASH_LENGTH,
     SRS_SECRET_NAME,
     ChecksConfig,
@@ -62,7 +63,7 @@ def build_config(raw: dict[str, Any], path: Path) -> Config:
     server = _server(top.sub_table("server"), base)
     smtp = _smtp(top.sub_table("smtp"), base)
     pop3 = _pop3(top.sub_table("pop3"), base)
-    delivery = _delivery(top.sub_table("delivery"))
+    delivery = _delivery(top.sub_table("delivery"), base)
     mailboxes = _mailboxes(top.sub_table("mailbox"))
     forwards = _forwards(top.sub_table("forward"))
     destinations = _destinations(top.sub_table("destination"))
@@ -215,7 +216,16 @@ def _pop3(t: Table, base: Path) -> Pop3Config:
     return config
 
 
-def _delivery(t: Table) -> DeliveryConfig:
+def _tls_mode(t: Table, sub: str, default: str) -> str:
+    mode = t.get(sub, str, None)
+    if mode is None:
+        return default
+    if mode not in TLS_MODES:
+        raise ConfigError(t.name(sub), f"expected one of {', '.join(TLS_MODES)}, got {mode!r}")
+    return mode
+
+
+def _delivery(t: Table, base: Path) -> DeliveryConfig:
     d = DeliveryConfig()
     relay_table = t.sub_table("relay")
     relay: dict[str, HostPort] = {}
@@ -225,9 +235,14 @@ def _delivery(t: Table) -> DeliveryConfig:
         if isinstance(checked, AddressError):
             raise ConfigError(relay_table.name(domain), checked.reason)
         relay[checked] = parse_hostport(relay_table.name(domain), target)
-    tls = t.get("tls", str, d.tls)
-    if tls not in ("opportunistic", "none"):
-        raise ConfigError(t.name("tls"), f"expected \"opportunistic\" or \"none\", got {tls!r}")
+    tls = _tls_mode(t, "tls", d.tls)
+    policy_table = t.sub_table("tls_policy")
+    tls_policy: dict[str, str] = {}
+    for domain in list(policy_table.data):
+        checked = check_domain(domain)
+        if isinstance(checked, AddressError):
+            raise ConfigError(policy_table.name(domain), checked.reason)
+        tls_policy[checked] = _tls_mode(policy_table, domain, "")
     config = DeliveryConfig(
         relay=relay,
         dns_servers=_listen(t, "dns_servers", ()),
@@ -240,6 +255,10 @@ def _delivery(t: Table) -> DeliveryConfig:
         retry_max=t.convert("retry_max", parse_duration, d.retry_max),
         max_lifetime=t.convert("max_lifetime", parse_duration, d.max_lifetime),
         tls=tls,
+        tls_policy=tls_policy,
+        tls_ca_file=t.convert("tls_ca_file", _relative(base), None),
+        mta_sts=t.get("mta_sts", bool, d.mta_sts),
+        mta_sts_port=_port(t, "mta_sts_port", d.mta_sts_port),
         late_bounce_window=t.convert("late_bounce_window", parse_duration, d.late_bounce_window),
         max_parallel_attempts=_positive_int(t, "max_parallel_attempts", d.max_parallel_attempts),
         destination_rate_delay=t.convert("destination_rate_delay", parse_duration, d.destination_rate_delay),
@@ -417,6 +436,7 @@ def _destinations(t: Table) -> dict[str, Destination]:
             hidden=dest.get("hidden", bool, False),
             detour=_detour_steps(dest),
             detour_after=dest.convert("detour_after", parse_duration, DEFAULT_DETOUR_AFTER),
+            tls=_tls_mode(dest, "tls", "") or None,
             skip_when=skip,
         )
         dest.finish()

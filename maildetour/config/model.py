@@ -21,6 +21,8 @@ MB = 1024 * 1024
 
 # A destination's temporary failures this long detour too (the seed's "10m").
 DEFAULT_DETOUR_AFTER = 600.0
+# How copies travel to their next hop, weakest first (see delivery.tls_policy).
+TLS_MODES = ("none", "opportunistic", "required", "verify")
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +186,15 @@ class DeliveryConfig:
     retry_max: float = 3600.0  # backoff doubles up to this
     # Ordinary (non-hidden) copies still failing after this long are bounced (Postfix: 5d).
     max_lifetime: float = 5 * 86400.0
-    tls: str = "opportunistic"  # "opportunistic" | "none"
+    # TLS to next hops (see delivery.tls_policy): "none", "opportunistic", "required" (encrypt,
+    # certificate not checked) or "verify" (encrypt, certificate valid for the MX name).
+    tls: str = "opportunistic"
+    tls_policy: dict[str, str] = field(default_factory=dict)  # domain -> mode, beats `tls`
+    tls_ca_file: Path | None = None  # CAs for "verify" and MTA-STS fetches (default: the system's)
+    # Honour the MTA-STS policies (RFC 8461) domains publish: "enforce" makes delivery "verify"
+    # and limits it to the MX hosts the policy names; a copy that cannot meet that waits.
+    mta_sts: bool = True
+    mta_sts_port: int = 443  # HTTPS port of mta-sts.<domain> (only tests change it)
     # Bytes of a message delivered to a hidden destination are kept this long, so a DSN that
     # arrives later (a late bounce) can still send the copy down its detour.
     late_bounce_window: float = 3 * 86400.0

@@ -26,6 +26,7 @@ class Destination:
     detour: tuple[str, ...]  # steps, in order: addresses (lowercased) or "imap:NAME"
     detour_after: float  # seconds of temporary failure before a step hands the copy on
     skip_when: tuple[str, ...] = ()  # of SKIP_CONDITIONS
+    tls: str | None = None  # its own TLS mode for SMTP (config.model.TLS_MODES), beats the domain's
 
 
 @dataclass(frozen=True, slots=True)

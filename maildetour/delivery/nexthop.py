@@ -39,6 +39,7 @@ MAX_ADDRESSES = 10
 @dataclass(frozen=True, slots=True)
 class NextHops:
     hosts: tuple[HostPort, ...]  # never empty
+    relay: bool = False  # a configured relay, not the domain's MX (MTA-STS does not apply)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,11 +137,11 @@ class NextHopResolver:
     async def _resolve_relay(self, domain: str, host: str, port: int) -> Resolution:
         literal = _ip_literal(host)
         if literal is not None:
-            return NextHops((HostPort(literal, port, literal),))
+            return NextHops((HostPort(literal, port, literal),), relay=True)
         if self._resolver is None:
             return DnsTemporary(f"relay {host} for {domain}: no DNS resolver configured")
         found = await self._addresses(host)
-        return self._hops([(host, found)], port, f"relay {host} for {domain}")
+        return self._hops([(host, found)], port, f"relay {host} for {domain}", relay=True)
 
     async def _implicit_mx(self, domain: str) -> Resolution:
         found = await self._addresses(domain)
@@ -152,10 +153,10 @@ class NextHopResolver:
         results = await asyncio.gather(*(self._addresses(name) for name in names))
         return self._hops(list(zip(names, results)), self._port, f"MX hosts of {domain}")
 
-    def _hops(self, found: list[tuple[str, _Addresses]], port: int, what: str) -> Resolution:
+    def _hops(self, found: list[tuple[str, _Addresses]], port: int, what: str, relay: bool = False) -> Resolution:
         hosts = tuple(HostPort(ip, port, name) for name, addrs in found for ip in addrs.ips)
         if hosts:
-            return NextHops(hosts[:MAX_ADDRESSES])
+            return NextHops(hosts[:MAX_ADDRESSES], relay)
         temporary = [addrs.temporary for _, addrs in found if addrs.temporary]
         if temporary:
             return DnsTemporary(f"{what}: " + "; ".join(temporary))

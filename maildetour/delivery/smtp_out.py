@@ -5,8 +5,10 @@ Internal, but it talks to remote (untrusted) SMTP servers: their replies become 
 reason of an outcome (see `core.classify`), never text for a sender; exception texts are never
 copied anywhere (`smtp_errors`).
 Contract: `deliver(job)` returns an outcome for every recipient and never raises for remote or
-network trouble. Behaviour: next hops from `NextHopResolver` are tried in order until one
-greets us (connection, greeting, EHLO and STARTTLS are `smtp_pool`'s); then one transaction:
+network trouble. Behaviour: the TLS the next hop must give comes from `tls_policy` (config,
+then MTA-STS, whose `enforce` also limits the MX hosts); next hops from `NextHopResolver` are
+tried in order until one greets us (connection, greeting, EHLO and STARTTLS are
+`smtp_pool`'s); then one transaction:
 MAIL, one RCPT per recipient (each its own outcome), DATA (its reply applies to every accepted
 recipient). A session reused without RSET that the server closed meanwhile is tried once more
 on a fresh connection.
@@ -25,11 +27,13 @@ from aiosmtplib.errors import SMTPDataError, SMTPServerDisconnected
 from maildetour.config.model import DeliveryConfig
 from maildetour.core.classify import classify_reply
 from maildetour.core.hostport import HostPort
+from maildetour.core.mta_sts import mx_matches
 from maildetour.core.outcome import Outcome, PermanentFailure, TemporaryFailure, Unreachable
 from maildetour.delivery.base import Job
 from maildetour.delivery.nexthop import DnsTemporary, NextHopResolver, NextHops, NoHost
 from maildetour.delivery.smtp_errors import outcome_for_error, where
 from maildetour.delivery.smtp_pool import Lease, Session, SmtpPool
+from maildetour.delivery.tls_policy import TlsMode, TlsPolicies
 
 # What may go between <> on a MAIL/RCPT line: no whitespace, controls or brackets.
 _WIRE_UNSAFE = re.compile(r"[\x00-\x20\x7f<>]")
@@ -59,18 +63,18 @@ class SmtpAgent:
     """Delivers jobs over SMTP; implements `delivery.base.Agent`."""
 
     def __init__(self, *, local_hostname: str, nexthop: NextHopResolver, settings: DeliveryConfig,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
-        self._nexthop = nexthop
+                 policies: TlsPolicies, verify_context: ssl.SSLContext) -> None:
+        self._nexthop, self._policies = nexthop, policies
         self._data_timeout = settings.data_timeout
         self._pool = SmtpPool(
-            local_hostname=local_hostname, tls=settings.tls,  # type: ignore[arg-type]
-            ssl_context=ssl_context, connect_timeout=settings.connect_timeout,
-            command_timeout=settings.command_timeout, idle_timeout=settings.connection_idle_timeout,
-            max_per_host=settings.max_connections_per_host)
+            local_hostname=local_hostname, verify_context=verify_context,
+            connect_timeout=settings.connect_timeout, command_timeout=settings.command_timeout,
+            idle_timeout=settings.connection_idle_timeout, max_per_host=settings.max_connections_per_host)
 
     def batch_key(self, target: str) -> str:
-        """Copies of one message to one domain share a transaction."""
-        return target.rpartition("@")[2].lower()
+        """Copies of one message to one domain share a transaction (unless one of them has a TLS
+        policy of its own)."""
+        return target.rpartition("@")[2].lower() + self._policies.key(target)
 
     async def deliver(self, job: Job) -> Mapping[str, Outcome]:
         results: dict[str, Outcome] = {}
@@ -84,10 +88,10 @@ class SmtpAgent:
                                      "the sender address cannot be used in SMTP")
             results.update((r, refused) for r in pending)
             pending = []
-        by_domain: dict[str, list[str]] = {}
-        for rcpt in pending:  # a job normally has one domain; be robust to more
-            by_domain.setdefault(rcpt.rpartition("@")[2].lower(), []).append(rcpt)
-        for domain, rcpts in by_domain.items():
+        by_domain: dict[tuple[str, str], list[str]] = {}
+        for rcpt in pending:  # a job normally has one domain and policy; be robust to more
+            by_domain.setdefault((rcpt.rpartition("@")[2].lower(), self._policies.key(rcpt)), []).append(rcpt)
+        for (domain, _), rcpts in by_domain.items():
             part = dataclasses.replace(job, recipients=tuple(dict.fromkeys(rcpts)))
             match await self._nexthop.resolve(domain):
                 case NoHost(reason) if "null MX" in reason:  # RFC 7505 3.2
@@ -102,19 +106,28 @@ class SmtpAgent:
                     later = TemporaryFailure(reason, 451, "4.4.3",
                                              "the receiving system could not be looked up")
                     results.update((r, later) for r in part.recipients)
-                case NextHops(hosts):
-                    await self._via(hosts, part, results)
+                case NextHops(hosts, relay):
+                    policy = await self._policies.policy(domain, rcpts[0], relay=relay)
+                    allowed = tuple(h for h in hosts if policy.mx is None or mx_matches(policy.mx, h.name))
+                    if not allowed:
+                        later = TemporaryFailure(f"no MX host of {domain} matches its MTA-STS policy "
+                                                 f"({', '.join(policy.mx or ())})", 451, "4.7.5",
+                                                 "no secure connection to the receiving system")
+                        results.update((r, later) for r in part.recipients)
+                        continue
+                    await self._via(allowed, part, results, policy.mode)
         return {r: results[r] for r in job.recipients}
 
     async def close(self) -> None:
         await self._pool.close()
 
-    async def _via(self, hosts: tuple[HostPort, ...], job: Job,
-                   results: dict[str, Outcome]) -> None:
-        """Try `hosts` in order until one greets us; run the transaction there."""
+    async def _via(self, hosts: tuple[HostPort, ...], job: Job, results: dict[str, Outcome],
+                   mode: TlsMode) -> None:
+        """Try `hosts` in order until one greets us (with TLS as `mode` asks); run the
+        transaction there."""
         failures: list[Outcome] = []
         for hop in hosts:
-            async with self._pool.slot(hop) as lease:
+            async with self._pool.slot(hop, mode) as lease:
                 match await lease.checkout():
                     case Session() as session:
                         await self._run(lease, session, job, results)

@@ -4,11 +4,14 @@ Internal; talks to remote (untrusted) servers. `SmtpPool.slot(hop)` holds one of
 `max_per_host` slots for one transaction; inside it `checkout` hands out an idle session of
 that host (without RSET when its last transaction ended with a final reply to DATA, else
 after a RSET that worked) or opens a new one, and `checkin` keeps a reusable session idle for
-`idle_timeout` (closed then, or on any error, or on `close()`).
-TLS: "opportunistic" uses STARTTLS when offered, unverified unless `ssl_context` is given, and
-falls back to plain text once if it fails (one place: `_open`); "required" fails temporarily
-without TLS; "none" never starts TLS. Failure: never raises for remote or network trouble;
-`checkout`/`open` return an `Outcome` instead of a session (`smtp_errors`).
+`idle_timeout` (closed then, or on any error, or on `close()`). Sessions are kept per host and
+TLS mode (`delivery.tls_policy`): "none" never starts TLS; "opportunistic" uses STARTTLS when
+offered, unverified, and falls back to plain text once if it fails (one place: `open`);
+"required" must get STARTTLS and does not check the certificate; "verify" must get STARTTLS and
+a certificate valid for the host's name (the MX or relay name) against `verify_context`.
+Without the TLS its mode asks for, a session is a temporary failure, never a downgrade.
+Failure: never raises for remote or network trouble; `checkout`/`open` return an `Outcome`
+instead of a session (`smtp_errors`).
 """
 
 from __future__ import annotations
@@ -17,22 +20,18 @@ import asyncio
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Literal, get_args
-
 from aiosmtplib import SMTP
 from aiosmtplib.errors import SMTPHeloError
 
 from maildetour.core.hostport import HostPort
 from maildetour.core.outcome import Outcome
 from maildetour.delivery.smtp_errors import TlsFailed, outcome_for_error, where
-
-TlsMode = Literal["none", "opportunistic", "required"]
-TLS_MODES = get_args(TlsMode)
+from maildetour.delivery.tls_policy import TlsMode
 
 # QUIT on close() is a courtesy; do not let a slow server hold up shutdown.
 QUIT_TIMEOUT = 2.0
 
-_Key = tuple[str, int, str]
+_Key = tuple[str, int, str, TlsMode]
 
 
 class Session:
@@ -66,8 +65,8 @@ class _HostPool:
         self.users = 0  # deliveries waiting for or holding a slot
 
 
-def _opportunistic_context() -> ssl.SSLContext:
-    """Opportunistic TLS (RFC 7435): encrypt without authenticating; better than plain text."""
+def _unverified_context() -> ssl.SSLContext:
+    """Opportunistic TLS (RFC 7435), and "required": encrypt without authenticating."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
@@ -77,10 +76,10 @@ def _opportunistic_context() -> ssl.SSLContext:
 class Lease:
     """One slot at one host, held for one transaction."""
 
-    __slots__ = ("_owner", "_key", "_pool", "hop")
+    __slots__ = ("_owner", "_key", "_pool", "hop", "mode")
 
-    def __init__(self, owner: SmtpPool, key: _Key, pool: _HostPool, hop: HostPort) -> None:
-        self._owner, self._key, self._pool, self.hop = owner, key, pool, hop
+    def __init__(self, owner: SmtpPool, key: _Key, pool: _HostPool, hop: HostPort, mode: TlsMode) -> None:
+        self._owner, self._key, self._pool, self.hop, self.mode = owner, key, pool, hop, mode
 
     async def checkout(self) -> Session | Outcome:
         """An idle session that is clean or answers RSET, or a new one, or why there is none."""
@@ -104,29 +103,20 @@ class Lease:
         return await self.open()
 
     async def open(self) -> Session | Outcome:
-        return await self._owner.open(self.hop)
+        return await self._owner.open(self.hop, self.mode)
 
     def checkin(self, session: Session, reusable: bool) -> None:
         self._owner.checkin(self._key, self._pool, session, reusable)
 
 
 class SmtpPool:
-    def __init__(self, *, local_hostname: str, tls: TlsMode, ssl_context: ssl.SSLContext | None,
-                 connect_timeout: float, command_timeout: float, idle_timeout: float,
-                 max_per_host: int) -> None:
-        if tls not in TLS_MODES:
-            raise ValueError(f"tls must be one of {TLS_MODES}, not {tls!r}")
+    def __init__(self, *, local_hostname: str, verify_context: ssl.SSLContext, connect_timeout: float,
+                 command_timeout: float, idle_timeout: float, max_per_host: int) -> None:
         if max_per_host < 1:
             raise ValueError("max_connections_per_host must be at least 1")
         self._local_hostname = local_hostname
-        self._tls = tls
-        match tls:
-            case "none":
-                self._ssl_context: ssl.SSLContext | None = None
-            case "opportunistic":
-                self._ssl_context = ssl_context or _opportunistic_context()
-            case "required":
-                self._ssl_context = ssl_context or ssl.create_default_context()
+        self._contexts: dict[TlsMode, ssl.SSLContext] = {
+            "opportunistic": _unverified_context(), "required": _unverified_context(), "verify": verify_context}
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
         self._idle_timeout = idle_timeout
@@ -135,14 +125,14 @@ class SmtpPool:
         self._closed = False
 
     @asynccontextmanager
-    async def slot(self, hop: HostPort) -> AsyncIterator[Lease]:
-        # Sessions are shared per address; with verified TLS, per name as well.
-        key = (hop.host, hop.port, hop.name if self._tls == "required" else "")
+    async def slot(self, hop: HostPort, mode: TlsMode) -> AsyncIterator[Lease]:
+        # Sessions are shared per address and TLS mode; with verified TLS, per name as well.
+        key = (hop.host, hop.port, hop.name if mode == "verify" else "", mode)
         pool = self._pools.setdefault(key, _HostPool(self._max_per_host))
         pool.users += 1
         try:
             async with pool.slots:
-                yield Lease(self, key, pool, hop)
+                yield Lease(self, key, pool, hop, mode)
         finally:
             pool.users -= 1
             self._forget_if_unused(key, pool)
@@ -156,22 +146,22 @@ class SmtpPool:
         self._pools = {k: p for k, p in self._pools.items() if p.users}
         await asyncio.gather(*(self._quit(s) for s in sessions))
 
-    async def open(self, hop: HostPort) -> Session | Outcome:
+    async def open(self, hop: HostPort, mode: TlsMode) -> Session | Outcome:
         """Connect; the one TLS fallback: failed opportunistic STARTTLS -> plain text, once."""
-        place = where(hop)
+        place = where(hop) if mode in ("none", "opportunistic") else f"{where(hop)} (TLS {mode})"
         try:
-            return await self._connect(hop, starttls=self._tls != "none")
+            return await self._connect(hop, mode, starttls=mode != "none")
         except TlsFailed as exc:
-            if self._tls != "opportunistic":
+            if mode != "opportunistic":
                 return outcome_for_error(exc, place)
         except Exception as exc:
             return outcome_for_error(exc, place)
         try:
-            return await self._connect(hop, starttls=False)
+            return await self._connect(hop, mode, starttls=False)
         except Exception as exc:
             return outcome_for_error(exc, place)
 
-    async def _connect(self, hop: HostPort, *, starttls: bool) -> Session:
+    async def _connect(self, hop: HostPort, mode: TlsMode, *, starttls: bool) -> Session:
         smtp = SMTP(hostname=hop.host, port=hop.port, local_hostname=self._local_hostname,
                     timeout=self._command_timeout, start_tls=False, use_tls=False)
         try:
@@ -179,12 +169,12 @@ class SmtpPool:
             await self._hello(smtp)
             if starttls and smtp.supports_extension("starttls"):
                 try:
-                    await smtp.starttls(server_hostname=hop.name, tls_context=self._ssl_context,
+                    await smtp.starttls(server_hostname=hop.name or hop.host, tls_context=self._contexts[mode],
                                         timeout=self._connect_timeout)
                     await self._hello(smtp)
                 except Exception as exc:
                     raise TlsFailed() from exc
-            elif starttls and self._tls == "required":
+            elif starttls and mode != "opportunistic":
                 raise TlsFailed()
         except BaseException:
             smtp.close()

@@ -33,6 +33,7 @@ from maildetour.delivery.nexthop import (
     Resolution,
 )
 from maildetour.delivery.smtp_out import SmtpAgent
+from maildetour.delivery.tls_policy import MtaSts, TlsPolicies
 from tests.peers.dnsmasq import DnsRecords, running_dnsmasq
 from tests.peers.ports import free_port
 from tests.peers.sinks import running_sink
@@ -56,13 +57,17 @@ def hops(*addresses: tuple[str, int]) -> StaticHops:
     return StaticHops(NextHops(tuple(HostPort(h, p, h) for h, p in addresses)))
 
 
-def make_agent(nexthop: Any, ssl_context: ssl.SSLContext | None = None, **settings: Any) -> SmtpAgent:
-    """The agent with the config's defaults, short timeouts, and `settings` ([delivery] keys)."""
+def make_agent(nexthop: Any, ssl_context: ssl.SSLContext | None = None, sts: MtaSts | None = None,
+               **settings: Any) -> SmtpAgent:
+    """The agent with the config's defaults, short timeouts, and `settings` ([delivery] keys);
+    `ssl_context` verifies certificates for tls = "verify" (default: the system's CAs)."""
     settings.setdefault("connect_timeout", 5.0)
     settings.setdefault("command_timeout", 5.0)
     settings.setdefault("data_timeout", 5.0)
-    return SmtpAgent(local_hostname="mx.example.com", nexthop=nexthop,
-                     settings=DeliveryConfig(**settings), ssl_context=ssl_context)
+    config = DeliveryConfig(**settings)
+    policies = TlsPolicies(default=config.tls, per_domain=config.tls_policy, per_address={}, sts=sts)
+    return SmtpAgent(local_hostname="mx.example.com", nexthop=nexthop, settings=config, policies=policies,
+                     verify_context=ssl_context or ssl.create_default_context())
 
 
 def with_agent(nexthop: Any, use: Callable[[SmtpAgent], Awaitable[T]], **kwargs: Any) -> T:
@@ -293,32 +298,45 @@ def test_starttls_is_used_when_offered(tls_pair: tuple[ssl.SSLContext, ssl.SSLCo
     assert received.tls is True
 
 
-def test_required_tls_with_verification(tls_pair: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+def test_verified_tls(tls_pair: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
     server_ctx, client_ctx = tls_pair
     with running_sink(tls_context=server_ctx) as sink:
         results = deliver_once(hops(("127.0.0.1", sink.port)), job("a@dest.test"),
-                               tls="required", ssl_context=client_ctx)
+                               tls="verify", ssl_context=client_ctx)
         [received] = sink.wait_for(1)
     assert isinstance(results["a@dest.test"], Delivered)
     assert received.tls is True
 
 
-def test_opportunistic_tls_failure_falls_back_to_plain_text(
-        tls_pair: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+def test_opportunistic_tls_failure_falls_back_to_plain_text() -> None:
+    # A server whose TLS handshake cannot work for us (it demands a client certificate).
+    ca = trustme.CA()
+    picky = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(picky)
+    ca.configure_trust(picky)
+    picky.verify_mode = ssl.CERT_REQUIRED
+    with running_sink(tls_context=picky) as sink:
+        results = deliver_once(hops(("127.0.0.1", sink.port)), job("a@dest.test"))
+        [received] = sink.wait_for(1)
+    assert isinstance(results["a@dest.test"], Delivered)
+    assert received.tls is False
+
+
+def test_verify_and_required_never_downgrade(tls_pair: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
     server_ctx, _ = tls_pair
     strict = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)  # does not trust the test CA
     strict.load_verify_locations(cadata=trustme.CA().cert_pem.bytes().decode())
     with running_sink(tls_context=server_ctx) as sink:
-        opportunistic = deliver_once(hops(("127.0.0.1", sink.port)), job("a@dest.test"),
-                                     ssl_context=strict)
+        verified = deliver_once(hops(("127.0.0.1", sink.port)), job("a@dest.test"),
+                                tls="verify", ssl_context=strict)
+        assert sink.messages == []
+        encrypted = deliver_once(hops(("127.0.0.1", sink.port)), job("a@dest.test"),
+                                 tls="required", ssl_context=strict)
         [received] = sink.wait_for(1)
-        required = deliver_once(hops(("127.0.0.1", sink.port)), job("a@dest.test"),
-                                tls="required", ssl_context=strict)
-        assert len(sink.messages) == 1
-    assert isinstance(opportunistic["a@dest.test"], Delivered)
-    assert received.tls is False
-    assert isinstance(required["a@dest.test"], TemporaryFailure)
-    assert "TLS" in required["a@dest.test"].reason
+    assert isinstance(verified["a@dest.test"], TemporaryFailure)  # never a downgrade to plain text
+    assert "TLS" in verified["a@dest.test"].reason
+    # "required" encrypts without checking the certificate: delivered, over TLS.
+    assert isinstance(encrypted["a@dest.test"], Delivered) and received.tls is True
 
 
 def test_required_tls_when_not_offered_is_temporary() -> None:

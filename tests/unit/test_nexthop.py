@@ -69,13 +69,13 @@ def ips(result: Resolution) -> list[str]:
 def test_relay_with_ip_literal_wins_over_mx_and_asks_no_dns() -> None:
     fake = FakeResolver({("gmail.com", "MX"): ["5 gmail-smtp-in.l.google.com."]})
     result = resolve(fake, "Gmail.COM.", relay={"gmail.com": HostPort("127.0.0.2", 2525)})
-    assert result == NextHops((HostPort("127.0.0.2", 2525, "127.0.0.2"),))
+    assert result == NextHops((HostPort("127.0.0.2", 2525, "127.0.0.2"),), relay=True)
     assert fake.queries == []
 
 
 def test_relay_ipv6_literal_in_brackets() -> None:
     result = resolve(None, "example.net", relay={"example.net": HostPort("[::1]", 2526)})
-    assert result == NextHops((HostPort("::1", 2526, "::1"),))
+    assert result == NextHops((HostPort("::1", 2526, "::1"),), relay=True)
 
 
 def test_relay_host_name_is_resolved_by_address_only() -> None:
@@ -83,7 +83,7 @@ def test_relay_host_name_is_resolved_by_address_only() -> None:
                          ("smart.test", "MX"): ["10 elsewhere.test."]})
     result = resolve(fake, "example.net", relay={"example.net": HostPort("smart.test", 587)})
     assert result == NextHops((HostPort("127.0.0.5", 587, "smart.test"),
-                               HostPort("::1", 587, "smart.test")))
+                               HostPort("::1", 587, "smart.test")), relay=True)
     assert ("smart.test", "MX") not in fake.queries
 
 
