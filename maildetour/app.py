@@ -165,7 +165,7 @@ def build(config: Config, clock: Callable[[], float]) -> Parts:
     dsn = DsnWriter(store=store, hostname=config.server.hostname, redactor=Redactor(private_addresses(config)))
     scheduler = Scheduler(store=store, table=table, agents=agents, retry=delivery.retry,
                           max_parallel=delivery.max_parallel_attempts, dsn=dsn, clock=clock,
-                          rate_delay=delivery.destination_rate_delay,
+                          rate_delay=delivery.destination_rate_delay, max_bytes=delivery.max_bytes_in_flight,
                           keep_for=delivery.late_bounce_window if srs is not None else None)
     late_bounces = LateBounces(store=store, hostname=config.server.hostname, report=scheduler.report,
                                left_by_smtp=lambda target: table.kind(target) == "smtp",

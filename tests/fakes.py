@@ -32,7 +32,7 @@ class MemoryStore:
         made = []
         for c in copies:
             copy = Copy(self._next, message.queue_id, message.mail_from, c.recipient, c.target, c.target,
-                        c.hidden, c.state, 0, message.received_at, None, 0, message.received_at)
+                        c.hidden, c.state, 0, message.received_at, None, 0, message.received_at, message.size)
             self._next += 1
             self.copies[copy.id] = copy
             made.append(copy)

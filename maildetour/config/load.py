@@ -261,6 +261,7 @@ def _delivery(t: Table, base: Path) -> DeliveryConfig:
         mta_sts_port=_port(t, "mta_sts_port", d.mta_sts_port),
         late_bounce_window=t.convert("late_bounce_window", parse_duration, d.late_bounce_window),
         max_parallel_attempts=_positive_int(t, "max_parallel_attempts", d.max_parallel_attempts),
+        max_bytes_in_flight=t.convert("max_bytes_in_flight", parse_size, d.max_bytes_in_flight),
         destination_rate_delay=t.convert("destination_rate_delay", parse_duration, d.destination_rate_delay),
         connection_idle_timeout=t.convert("connection_idle_timeout", parse_duration,
                                           d.connection_idle_timeout),

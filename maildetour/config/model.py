@@ -208,6 +208,10 @@ class DeliveryConfig:
     # Attempts in flight at once, over all next hops (each host also has its own limit): a
     # drained backlog of 100,000 due copies must not become 100,000 tasks at once.
     max_parallel_attempts: int = 200
+    # Attempts in flight hold their message's bytes (and a signed copy): at most this many bytes
+    # of messages at once, so 200 attempts of 25 MB messages cannot take 10 GB. One attempt
+    # always goes, whatever its size; the rest wait in the queue.
+    max_bytes_in_flight: int = 256 * MB
     # An idle SMTP connection is kept this long for the next message to the same host: enough
     # for a burst, well under the 300 s a server waits for a command (RFC 5321 4.5.3.2.7).
     connection_idle_timeout: float = 5.0

@@ -56,13 +56,15 @@ class _Throttle:
 class Scheduler:
     def __init__(self, *, store: Store, table: RoutingTable, agents: Mapping[Kind, Agent],
                  retry: RetryRules, max_parallel: int, dsn: DsnWriter, keep_for: float | None,
-                 clock: Callable[[], float], rate_delay: float = 0.0) -> None:
+                 clock: Callable[[], float], rate_delay: float = 0.0, max_bytes: int = 0) -> None:
         """`keep_for`: how long a finished message's bytes stay for late bounces (None: not
         kept, when nothing can come back to an SRS address of ours). `rate_delay`: least time
-        between two deliveries to one destination (0: none)."""
+        between two deliveries to one destination (0: none). `max_bytes`: message bytes that
+        attempts in flight may hold at once (0: no limit; one attempt always goes)."""
         self.store, self.table, self.agents, self.dsn = store, table, agents, dsn
         self.retry, self.max_parallel, self.keep_for, self.clock = retry, max_parallel, keep_for, clock
-        self.rate_delay = rate_delay
+        self.rate_delay, self.max_bytes = rate_delay, max_bytes
+        self._bytes = 0  # message bytes held by attempts in flight
         self._throttles: dict[str, _Throttle] = {}  # destination -> asked us to slow down
         self._next_start: dict[str, float] = {}  # destination -> earliest next delivery (pacing)
         self._heap: list[tuple[float, int, int]] = []  # (due, tie-breaker, copy id)
@@ -144,8 +146,10 @@ class Scheduler:
                     token = object()
                     self._busy.update((c.id, token) for c in group)
                     self._running += 1
+                    self._bytes += group[0].size
                     tasks.create_task(self._attempt(group, token))
-                if self._running >= self.max_parallel:
+                full = self.max_bytes > 0 and self._bytes >= self.max_bytes
+                if self._running >= self.max_parallel or (full and self._running):
                     timeout = None  # a finishing attempt wakes us
                 else:
                     timeout = max(self._heap[0][0] - self.clock(), 0.0) if self._heap else None
@@ -159,9 +163,12 @@ class Scheduler:
         groups: dict[_Group, list[Copy]] = {}
         taken: set[int] = set()
         in_flight: list[tuple[float, int, int]] = []
+        held = self._bytes
         while self._heap and self._heap[0][0] <= now:
-            if len(groups) >= limit and (self._heap[0][2] not in self._copies
-                                         or self._group(self._copies[self._heap[0][2]]) not in groups):
+            full = len(groups) >= limit or (self.max_bytes > 0 and held >= self.max_bytes
+                                            and (groups or self._running))
+            if full and (self._heap[0][2] not in self._copies
+                         or self._group(self._copies[self._heap[0][2]]) not in groups):
                 break
             entry = heapq.heappop(self._heap)
             due, _, copy_id = entry
@@ -181,6 +188,8 @@ class Scheduler:
                 if destination:
                     self._next_start[destination] = now + self.rate_delay
             taken.add(copy_id)
+            if key not in groups:
+                held += copy.size
             groups.setdefault(key, []).append(copy)
         for entry in in_flight:
             heapq.heappush(self._heap, entry)
@@ -222,6 +231,7 @@ class Scheduler:
                                    for copy in group))
         finally:
             self._running -= 1
+            self._bytes -= first.size
             self._free(group, token)
 
     def _free(self, copies: list[Copy], token: object) -> None:

@@ -68,6 +68,7 @@ class Copy:
     first_failure: float | None  # first temporary failure at the current target
     detours: int
     received_at: float
+    size: int = 0  # of the message's bytes (what an attempt holds in memory)
 
 
 @dataclass(frozen=True, slots=True)

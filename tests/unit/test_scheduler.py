@@ -344,3 +344,47 @@ def test_deliveries_to_one_destination_are_paced_by_destination_rate_delay(tmp_p
         return seen
 
     assert asyncio.run(main()) == [1, 2]
+
+
+def test_attempts_in_flight_hold_no_more_message_bytes_than_allowed(tmp_path: Path) -> None:
+    """Issue 10, memory: 200 attempts of 25 MB messages must not hold 5 GB at once."""
+    config = seed_config(tmp_path, CHAIN)
+    store = MemoryStore()
+
+    class Slow:
+        def __init__(self) -> None:
+            self.now = self.peak = self.done = 0
+
+        def batch_key(self, target: str) -> str:
+            return ""
+
+        async def deliver(self, job):  # type: ignore[no-untyped-def]
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+            await asyncio.sleep(0.01)
+            self.now -= 1
+            self.done += 1
+            return {r: Delivered("250 ok") for r in job.recipients}
+
+        async def close(self) -> None:
+            pass
+
+    slow = Slow()
+
+    async def main() -> None:
+        for i in range(12):  # 12 messages of "25 MB" (the size the store recorded)
+            await store.accept(Message(f"Q{i:03}", "a@b.example", 5.0, "", 25 * 1024 * 1024, "c"), b"x\r\n",
+                               [NewCopy("ituki@example.com", HIDDEN, True)], [])
+        dsn = DsnWriter(store=store, hostname="mx.example.com", redactor=Redactor(frozenset()))
+        scheduler = Scheduler(store=store, table=config.routing_table(), agents={"smtp": slow, "local": slow},
+                              retry=config.delivery.retry, max_parallel=200, dsn=dsn, keep_for=None, clock=Clock(),
+                              max_bytes=100 * 1024 * 1024)
+        task = asyncio.create_task(scheduler.run())
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            if len(store.finished) == 12:
+                break
+        task.cancel()
+
+    asyncio.run(main())
+    assert slow.done == 12 and slow.peak == 4  # 100 MB / 25 MB: four at a time, all of them done
