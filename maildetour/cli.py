@@ -24,7 +24,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--config", "-c", type=Path, required=True, help="the TOML config file")
         return p
 
-    with_config("serve", "run the server").add_argument("--verbose", "-v", action="store_true")
+    serve = with_config("serve", "run the server")
+    serve.add_argument("--verbose", "-v", action="store_true")
+    serve.add_argument("--log-format", choices=("plain", "json"), default="plain",
+                       help="server log lines as key=value (default, fit for journald) or JSON")
     with_config("check", "validate the config and print the routing table")
     with_config("route", "where mail for ADDRESS goes, and why").add_argument("address")
     with_config("trace", "the story of one message, by queue id or Message-ID").add_argument("id")
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         match args.command:
             case "serve":
-                return commands.serve(config, args.verbose)
+                return commands.serve(config, args.verbose, args.log_format)
             case "check":
                 return commands.check(config)
             case "dkim":

@@ -20,7 +20,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-from maildetour import report
+from maildetour import logs, report
+from maildetour.logs import LogFormat
 from maildetour.config.model import Config
 from maildetour.core.address import AddressError, parse_address
 from maildetour.core.password import hash_password
@@ -37,13 +38,11 @@ def _fail(text: str) -> int:
     return 1
 
 
-def serve(config: Config, verbose: bool) -> int:
+def serve(config: Config, verbose: bool, log_format: LogFormat = "plain") -> int:
     from maildetour.app import App, validate
 
     validate(config)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
+    logs.setup(logging.DEBUG if verbose else logging.INFO, log_format)
     asyncio.run(App(config).run())
     return 0
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP
 
+from maildetour import logs
 from maildetour.config import load_config
 from maildetour.mailbox import maildir
 from maildetour.seed import adapt, seed_text
@@ -69,9 +70,7 @@ def run_demo(directory: Path) -> int:
     config_path = directory / "maildetour.toml"
     if not config_path.exists():
         config_path.write_text(demo_config(config_path), encoding="utf-8")
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logs.setup(logging.INFO)
     print(f"maildetour demo: config {config_path}; stand-in gmail on {STANDIN[0]}:{STANDIN[1]}",
           file=sys.stderr)
     asyncio.run(_run(config_path, directory / "standin-gmail"))

@@ -10,6 +10,8 @@ a `Decision`. Every outcome carries the same four facts (as maddy's SMTPError do
   reason  the private reason: the remote's reply as received (cleaned and capped by
           `core.classify`) or our own diagnosis. Operator-facing only (trace, audit log, server
           log): it may name a forward target or a hidden address.
+and, for the server log, `relay`: where the agent delivered or tried (name[address]:port, an
+IMAP account, "local"), "" when it never got that far.
 Exposure: internal. Constructors take the reason first; the defaults of the other fields are
 the generic values of each kind (agents that know better set them).
 """
@@ -27,6 +29,7 @@ class Delivered:
     code: int = 250
     status: str = "2.0.0"
     public: str = "delivered"
+    relay: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +43,7 @@ class TemporaryFailure:
     status: str = "4.0.0"
     public: str = "temporarily not accepted by the receiving system"
     slow_down: bool = False
+    relay: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +56,7 @@ class PermanentFailure:
     status: str = "5.0.0"
     public: str = "refused by the receiving system"
     alert: bool = False
+    relay: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +67,7 @@ class Unreachable:
     code: int = 451
     status: str = "4.4.1"
     public: str = "no mail host could be reached"
+    relay: str = ""
 
 
 Outcome = Delivered | TemporaryFailure | PermanentFailure | Unreachable

@@ -49,6 +49,7 @@ APPEND is temporary, never Unreachable (the policy keeps retrying the step to it
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import ssl
 from dataclasses import dataclass
@@ -166,7 +167,9 @@ class ImapAgent:
     async def deliver(self, job: Job) -> Mapping[str, Outcome]:
         results: dict[str, Outcome] = {}
         for target in dict.fromkeys(job.recipients):
-            results[target] = await self._deliver(target, job)
+            pool = self._pools.get(target.removeprefix(IMAP_PREFIX))
+            outcome = await self._deliver(target, job)
+            results[target] = dataclasses.replace(outcome, relay=where(pool.account)) if pool else outcome
         return {target: results[target] for target in job.recipients}
 
     async def close(self) -> None:

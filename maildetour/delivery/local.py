@@ -30,10 +30,10 @@ class LocalAgent:
         for recipient in job.recipients:
             try:
                 name = await asyncio.to_thread(maildir.deliver, self._mailbox_dir(recipient), data)
-                outcomes[recipient] = Delivered(f"250 2.0.0 delivered to mailbox as {name}")
+                outcomes[recipient] = Delivered(f"250 2.0.0 delivered to mailbox as {name}", relay="local")
             except OSError as exc:
                 outcomes[recipient] = TemporaryFailure(f"451 4.3.0 mailbox write failed: {exc.strerror}",
-                                                       451, "4.3.0", "the mailbox could not be written")
+                                                       451, "4.3.0", "the mailbox could not be written", relay="local")
         return outcomes
 
     async def close(self) -> None:

@@ -226,8 +226,10 @@ class Scheduler:
                 for copy in group:
                     await self._quarantine_lost(copy)
                 return
+            started = self.clock()
             outcomes = await self._deliver(group, data)
-            await asyncio.gather(*(self._settle(copy, outcomes.get(copy.target.lower(), _UNKNOWN), token)
+            took = self.clock() - started
+            await asyncio.gather(*(self._settle(copy, outcomes.get(copy.target.lower(), _UNKNOWN), token, took)
                                    for copy in group))
         finally:
             self._running -= 1
@@ -276,7 +278,7 @@ class Scheduler:
         elif any(isinstance(o, Delivered) for o in found):
             self._throttles.pop(destination, None)
 
-    async def _settle(self, copy: Copy, outcome: Outcome, token: object) -> None:
+    async def _settle(self, copy: Copy, outcome: Outcome, token: object, took: float = 0.0) -> None:
         """Decide, and write the decision with its events. A copy that stays queued (a retry,
         or its next detour step, due now) is scheduled before its record commits: the next
         step starts at once, and its own record is queued behind this one (the store commits
@@ -289,6 +291,7 @@ class Scheduler:
         decision = decide(attempted, outcome, now, self.table.destinations, self.retry, not_before)
         events = _outcome_events(copy, outcome, now, copy.attempts + 1)
         updated = await self._apply(copy, decision, now, events)
+        _log_delivery(copy, outcome, decision, now, took)
         committed = self.store.update(updated, events)
         if updated.state == "queued":
             self._schedule(updated)
@@ -358,6 +361,21 @@ class Scheduler:
 
 
 _UNKNOWN = TemporaryFailure("no outcome reported for this recipient")
+# What the server log calls each decision (Postfix's status=).
+_STATUS = {Done: "sent", Retry: "deferred", Detour: "detoured", Quarantine: "quarantined", Bounce: "bounced",
+           Fail: "failed"}
+
+
+def _log_delivery(copy: Copy, outcome: Outcome, decision: Decision, now: float, took: float) -> None:
+    """One line per attempt's outcome, like Postfix's "status=sent" lines."""
+    fields = {"queue_id": copy.queue_id, "copy": copy.id, "to": copy.target, "orig_to": copy.recipient,
+              "relay": outcome.relay or "none", "delay": round(now - copy.received_at, 3),
+              "attempt_time": round(took, 3), "attempt": copy.attempts + 1, "dsn": outcome.status,
+              "status": _STATUS[type(decision)]}
+    if isinstance(decision, Detour):
+        fields["next"] = decision.to
+    fields["reply"] = outcome.reason
+    log.info("%s: %s", copy.queue_id, fields["status"], extra={"fields": fields})
 
 
 def _outcome_events(copy: Copy, outcome: Outcome, now: float, attempt: int) -> list[Event]:

@@ -131,10 +131,13 @@ class SmtpAgent:
                 match await lease.checkout():
                     case Session() as session:
                         await self._run(lease, session, job, results)
+                        relay = where(session.hop)
+                        results.update((r, dataclasses.replace(results[r], relay=relay))
+                                       for r in job.recipients if not results[r].relay)
                         return
                     case failure:
                         failures.append(failure)
-        outcome = _combine(failures)
+        outcome = dataclasses.replace(_combine(failures), relay=where(hosts[-1]))
         results.update((r, outcome) for r in job.recipients if r not in results)
 
     async def _run(self, lease: Lease, session: Session, job: Job,

@@ -112,3 +112,17 @@ def test_a_detoured_message_can_be_fetched_over_pop3_as_gmail_would(tmp_path: Pa
         assert b"Subject: refused then fetched" in fetched and EICAR in fetched
         assert_no_leak(fetched)
         client.quit()
+
+
+def test_the_server_log_has_one_line_per_delivery_attempt(tmp_path: Path) -> None:
+    """Issue 11: like Postfix's status= lines: queue id, copy, to, relay, delays, dsn, status, reply."""
+    with running_sink(refuse=lambda data: "552 5.7.0 virus" if b"EICAR" in data else None) as gmail, \
+            running_server(tmp_path / "md", gmail=f"{gmail.host}:{gmail.port}") as server:
+        queue_id = server.send(message("log me", body=b"EICAR\r\n"))
+        server.wait_mailbox(DETOUR, 1)
+        server.wait_event(queue_id, "delivered", target="ituki@pc.example.net")
+        lines = [line for line in server.log().splitlines() if f"{queue_id}: " in line]
+    detoured = next(line for line in lines if ": detoured " in line)
+    assert f"to=ituki-ex@gmail.com" in detoured and f"relay=[{gmail.host}]:{gmail.port}" in detoured
+    assert "dsn=5.7.0" in detoured and "next=ituki@gm.example.net" in detoured and 'reply="552 5.7.0 virus"' in detoured
+    assert any(": sent " in line and "to=ituki@gm.example.net" in line and "relay=local" in line for line in lines)

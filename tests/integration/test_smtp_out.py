@@ -100,7 +100,8 @@ def test_per_recipient_results_when_one_rcpt_is_refused() -> None:
     assert isinstance(results["alice@dest.test"], Delivered)
     assert isinstance(results["carol@dest.test"], Delivered)
     assert results["bob@dest.test"] == PermanentFailure("550 5.1.1 no such user", 550, "5.1.1",
-                                                        "no such mailbox", alert=True)
+                                                        "no such mailbox", alert=True,
+                                                        relay=f"[127.0.0.1]:{sink.port}")
     assert received.rcpt_tos == ("alice@dest.test", "carol@dest.test")
     assert received.mail_from == "sender@example.com"
     assert received.data == MESSAGE  # dot-stuffing undone by the receiver: same bytes
@@ -119,7 +120,7 @@ def test_4xx_after_data_is_temporary_for_every_accepted_recipient() -> None:
         results = deliver_once(hops(("127.0.0.1", sink.port)), job("a@dest.test", "b@dest.test"))
         assert sink.messages == []
     assert results == {r: TemporaryFailure("451 4.3.0 Mail server temporarily rejected", 451, "4.3.0",
-                                           "temporary server problem")
+                                           "temporary server problem", relay=f"[127.0.0.1]:{sink.port}")
                        for r in ("a@dest.test", "b@dest.test")}
 
 
@@ -128,7 +129,8 @@ def test_5xx_after_data_is_permanent() -> None:
     with running_sink(refuse=lambda data: dmarc) as sink:
         results = deliver_once(hops(("127.0.0.1", sink.port)), job("hidden@dest.test"))
         assert sink.data_attempts == 1 and sink.messages == []
-    assert results == {"hidden@dest.test": PermanentFailure(dmarc, 550, "5.7.26", "unauthenticated / fails DMARC")}
+    assert results == {"hidden@dest.test": PermanentFailure(dmarc, 550, "5.7.26", "unauthenticated / fails DMARC",
+                                                            relay=f"[127.0.0.1]:{sink.port}")}
 
 
 def test_temporary_failure_then_success_on_the_reused_connection() -> None:
