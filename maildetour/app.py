@@ -182,7 +182,7 @@ def build(config: Config, clock: Callable[[], float]) -> Parts:
         handler, hostname=config.server.hostname, max_sessions=config.smtp.max_sessions,
         max_message_size=config.smtp.max_message_size, command_timeout=config.smtp.command_timeout,
         data_timeout=config.smtp.data_timeout, tls=server_tls(config.smtp.tls_cert, config.smtp.tls_key),
-        max_line_length=config.smtp.max_line_length,
+        max_line_length=config.smtp.max_line_length, limits=config.smtp,
     )
     return Parts(store, agents, scheduler, late_bounces, sessions)
 
@@ -242,6 +242,7 @@ class App:
                 if pop3 is not None:
                     pop3.close()
                     await pop3.wait_closed()
+                await parts.sessions.handler.drain()  # a message being committed still is
                 for task in background:
                     task.cancel()
         finally:

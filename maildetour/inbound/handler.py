@@ -1,16 +1,22 @@
 """SMTP transaction logic: RCPT -> routing, DATA -> checks -> store -> 250.
 
 Faces the internet (behind `inbound.server`, the aiosmtpd adapter). Contract: "250 queued as"
-is returned only after `Store.accept` has made the message and its copies durable. Replies come
-from `core.replies` only, so no address or exception text reaches a client. Bad input gets a
-reply; an unexpected exception gets 451 4.3.0 (see `handle_exception`).
+is returned only after `Store.accept` has made the message and its copies durable, and a
+message the store committed is always scheduled: storing and scheduling run as one task that a
+client hanging up cannot cancel halfway (issue 10 #2). Replies come from `core.replies` only,
+so no address or exception text reaches a client. Bad input gets a reply; a store that cannot
+write gets 452 4.3.1 when the disk is full, else 451 4.3.0; an unexpected exception gets
+451 4.3.0 (see `handle_exception`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
+import sqlite3
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import dns.resolver
 
@@ -27,6 +33,22 @@ from maildetour.verify.verdicts import check
 log = logging.getLogger("maildetour.inbound")
 
 NULL_SENDER = "<>"  # how aiosmtpd hands us MAIL FROM:<>
+
+# Errors of a store that ran out of room (disk full, quota; SQLite says SQLITE_FULL = 13).
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_SQLITE_FULL = 13
+
+T = TypeVar("T")
+
+
+def storage_reply(error: OSError | sqlite3.Error) -> replies.Reply:
+    """What a client hears when the store could not write: 452 4.3.1 for a full disk (it may
+    send again later, RFC 3463), 451 4.3.0 for any other local error. Never the error's text."""
+    if isinstance(error, OSError):
+        full = error.errno in _FULL_ERRNOS
+    else:
+        full = (getattr(error, "sqlite_errorcode", 0) & 0xFF) == _SQLITE_FULL
+    return replies.NO_STORAGE if full else replies.INTERNAL_ERROR
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +87,7 @@ class Handler:
         self.table, self.store, self.hostname, self.limits = table, store, hostname, limits
         self.on_accepted, self.clock = on_accepted, clock
         self.checks, self.srs, self.on_late_bounce = checks, srs, on_late_bounce
+        self._commits: set[asyncio.Future[Any]] = set()  # in flight, perhaps for a client long gone
         # Incoming Authentication-Results claiming our id are forged: removed when we check or sign.
         self.authserv_id = checks.authserv_id if checks is not None else authserv_id
 
@@ -142,21 +165,52 @@ class Handler:
             recipients=tuple(r.recipient for r in routes), now=now,
         ) + data
         client = f"{session.host_name} [{client_ip}]"
+        message = Message(queue_id, sender, now, find_message_id(data), len(full), client)
         if envelope.srs_rcpts:
             assert self.on_late_bounce is not None
-            await self.on_late_bounce(Message(queue_id, sender, now, find_message_id(data), len(full), client),
-                                      full, tuple(envelope.srs_rcpts))
-            return str(replies.queued(queue_id))
-        looped = count_received(full) > self.limits.max_received
-        copies = self._plan(routes, "quarantined" if looped else "queued",
-                            "mail loop: too many Received headers" if looped else "")
-        message = Message(queue_id, sender, now, find_message_id(data), len(full), client)
-        events = [Event(now, queue_id, None, "accepted", ",".join(r.recipient for r in routes),
-                        f"from=<{sender}> client={message.client} size={len(full)}")]
-        made = await self.store.accept(message, full, copies, events)
-        if not looped:
-            self.on_accepted(made)
+            work: Awaitable[object] = self.on_late_bounce(message, full, tuple(envelope.srs_rcpts))
+        else:
+            looped = count_received(full) > self.limits.max_received
+            copies = self._plan(routes, "quarantined" if looped else "queued",
+                                "mail loop: too many Received headers" if looped else "")
+            events = [Event(now, queue_id, None, "accepted", ",".join(r.recipient for r in routes),
+                            f"from=<{sender}> client={message.client} size={len(full)}")]
+            work = self._commit(message, full, copies, events, schedule=not looped)
+        try:
+            await self._unstoppable(work, queue_id)
+        except (OSError, sqlite3.Error) as error:
+            return str(storage_reply(error))
         return str(replies.queued(queue_id))
+
+    async def _commit(self, message: Message, data: bytes, copies: list[NewCopy], events: list[Event],
+                      *, schedule: bool) -> list[Copy]:
+        made = await self.store.accept(message, data, copies, events)
+        if schedule:
+            self.on_accepted(made)
+        return made
+
+    async def drain(self) -> None:
+        """Wait for the commits in flight (at shutdown: before the store's writer stops)."""
+        await asyncio.gather(*self._commits, return_exceptions=True)
+
+    async def _unstoppable(self, work: Awaitable[T], queue_id: str) -> T:
+        """Run `work` (store, then schedule) to its end even if the session is cancelled
+        meanwhile (aiosmtpd cancels `handle_DATA` when the client hangs up after the final dot):
+        a commit must always lead to scheduling. The client that got no 250 may send again; a
+        duplicate is the price (at-least-once), a message stuck until a restart is not."""
+        task = asyncio.ensure_future(work)
+        self._commits.add(task)
+
+        def done(finished: asyncio.Future[Any]) -> None:
+            self._commits.discard(finished)
+            error = None if finished.cancelled() else finished.exception()
+            if isinstance(error, (OSError, sqlite3.Error)):
+                log.error("storing %s failed: %s", queue_id, error)  # our log only, never a reply
+            elif error is not None:
+                log.error("storing %s failed", queue_id, exc_info=error)
+
+        task.add_done_callback(done)
+        return await asyncio.shield(task)
 
     def _plan(self, routes: Sequence[Accept], state: CopyState, why: str) -> list[NewCopy]:
         """One copy per destination, even when several recipients lead to the same one."""

@@ -1,12 +1,18 @@
 """The wire: aiosmtpd behind a thin adapter, on the application's own event loop.
 
-Faces the internet. What it adds to aiosmtpd 1.4.6 (see DESIGN.md gotchas):
+Faces the internet. What it adds to aiosmtpd 1.4.6 (see DESIGN.md gotchas and docs/quirks.md):
   - no software version in the banner (`ident`);
   - enhanced status codes on the library's own replies, translated here in one place;
-  - source routes (`<@a:b@c>`) refused instead of silently stripped;
+  - addresses judged on the raw argument, before aiosmtpd's parser strips what it finds there:
+    source routes, quoted strings and comments get 553 5.1.3;
+  - a command line that ends in a bare LF or holds a bare CR gets 521 5.5.2 and is closed;
   - each received chunk resets the idle timer, so slow-but-moving DATA is not cut off, while a
     whole DATA may take at most `data_timeout`;
-  - a cap on concurrent sessions: excess clients get 421 4.7.0 and are closed.
+  - a cap on concurrent sessions (421 4.7.0 and closed), and the per-client limits of
+    `inbound.limits`: sessions per client and connection rate at connect (421), message and
+    recipient rates at MAIL and RCPT (450 4.7.1); within a session, commands without progress,
+    the session's lifetime and refused recipients (421, closed).
+Each check is O(1): a few comparisons per command, a dict lookup per MAIL/RCPT.
 Exceptions in the handler are answered 451 4.3.0 by `Handler.handle_exception`.
 """
 
@@ -16,17 +22,22 @@ import asyncio
 import logging
 import re
 import ssl
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from aiosmtpd.smtp import SMTP
 
+from maildetour.config.model import SmtpConfig
 from maildetour.core import replies
+from maildetour.core.address import SOURCE_ROUTE, raw_path_problem
+from maildetour.core.replies import Reply
 from maildetour.inbound.handler import Handler
+from maildetour.inbound.limits import Clients, client_key, default_limits, sender_domain
 
 log = logging.getLogger("maildetour.inbound")
 
-_SOURCE_ROUTE = re.compile(r"^\s*(?:TO|FROM):\s*<\s*@", re.I)
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}\b")
+# Replies to these commands that start with 250 move a transaction on (DATA: its final 250).
+_PROGRESS = frozenset({b"MAIL", b"RCPT", b"DATA"})
 
 
 def translate(status: str) -> str:
@@ -40,18 +51,111 @@ def translate(status: str) -> str:
     return f"{code} {replies.DEFAULT_ENHANCED[code[0]]} {text}"
 
 
+class _Refusal(Exception):
+    """Raised from the command reader: aiosmtpd hands it to `handle_exception`, which answers
+    `reply` instead of running the command; we hang up after the reply."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.text)
+        self.reply = reply
+
+
 class Session(SMTP):
     """One client connection."""
 
     def __init__(self, handler: Handler, *, data_timeout: float, on_close: Callable[[], None],
-                 max_line_length: int, **kwargs: Any) -> None:
+                 max_line_length: int, clients: Clients, **kwargs: Any) -> None:
         self.line_length_limit = max_line_length + 3  # CRLF and a transparency dot (RFC 5321 4.5.2)
         super().__init__(handler, **kwargs)
         self._data_timeout = data_timeout
         self._data_started: float | None = None
         self._held: list[str] = []
         self._on_close = on_close
+        self._clients = clients
+        self._limits: SmtpConfig = clients.limits
+        self._client: str | None = None  # the client's key; None: not counted (unlimited or refused)
+        self._started = 0.0
+        self._command = b""  # the first four octets of the command being answered, upper case
+        self._idle_commands = 0  # commands since the last progress (an accepted MAIL, RCPT, DATA)
+        self._refused = 0  # refused recipients in this session
+        self._closing = False  # hang up once the current reply is written
+        self._overlong = False  # reading the rest of a command line over the reader's limit
 
+    # --- the connection ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None:  # the TCP connection (not the switch to TLS after STARTTLS)
+            self._started = self.loop.time()
+            peer = transport.get_extra_info("peername")
+            host = str(peer[0]) if peer else ""
+            if not self._clients.unlimited(host):  # the limits across sessions apply
+                key = client_key(host)
+                refusal = self._clients.arrive(key, self._started)
+                if refusal is not None:
+                    log.warning("refused a connection from %s: %s", host, refusal.text)
+                    assert isinstance(transport, asyncio.WriteTransport)
+                    transport.write(f"{refusal}\r\n".encode())
+                    transport.close()
+                    return
+                self._client = key
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        try:
+            if self.session is not None:  # else refused in connection_made: aiosmtpd never started
+                super().connection_lost(error)
+        finally:
+            if self._client is not None:
+                self._clients.leave(self._client)
+                self._client = None
+            if self._on_close is not None:
+                self._on_close()
+                self._on_close = None  # type: ignore[assignment]
+
+    def _cb_client_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        super()._cb_client_connected(reader, writer)
+        read = reader.readuntil
+
+        def readuntil(separator: bytes = b"\n") -> Awaitable[bytes]:
+            if separator != b"\n":  # a DATA line (read up to CRLF): as it was, no extra frame
+                return read(separator)
+            return command_line()
+
+        async def command_line() -> bytes:
+            try:
+                line = await read(b"\n")
+            except asyncio.LimitOverrunError:
+                self._overlong = True  # aiosmtpd reads on to the end of the line, then says 500
+                raise
+            self._check_command(line, tail=self._overlong)
+            self._overlong = False
+            return line
+
+        # aiosmtpd reads every command line through this one call; checking there sees the raw
+        # line (aiosmtpd strips its line end) before the command runs.
+        reader.readuntil = readuntil  # type: ignore[method-assign, assignment]
+
+    def _check_command(self, line: bytes, *, tail: bool) -> None:
+        """Before a command runs (or, `tail`, before aiosmtpd refuses a too long one). Raises
+        `_Refusal` to answer it with a refusal instead."""
+        self._command = b"" if tail else line[:4].upper()
+        if not tail and (not line.endswith(b"\r\n") or line.find(b"\r", 0, len(line) - 2) >= 0):
+            raise _Refusal(replies.BARE_LF_COMMAND)
+        if self.loop.time() - self._started > self._limits.max_session_time:
+            raise _Refusal(replies.SESSION_TIME)
+        if self._refused >= self._limits.max_refused_recipients:
+            raise _Refusal(replies.SESSION_REFUSED)
+        self._idle_commands += 1
+        if self._idle_commands > self._limits.max_commands_without_progress:
+            raise _Refusal(replies.NO_PROGRESS)
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, _Refusal):
+            log.info("%s: %s", self.session.peer if self.session else "?", error.reply.text)
+            self._closing = True
+            return str(error.reply)
+        return str(await super().handle_exception(error))
+
+    # --- replies ----------------------------------------------------------------------------
     async def push(self, status: Any) -> None:
         """Send a reply line. Lines of a multi-line reply ("250-...") are held and written with
         the last one: one system call for the whole EHLO reply instead of one per line."""
@@ -60,11 +164,34 @@ class Session(SMTP):
             if status[3:4] == "-":
                 self._held.append(status)
                 return
+            if self._command in _PROGRESS:
+                self._observe(status)
             if self._held:
                 status = "\r\n".join([*self._held, status])
                 self._held.clear()
         await super().push(status)
+        if self._closing:
+            self._hang_up()
 
+    def _observe(self, status: str) -> None:
+        """A reply to MAIL, RCPT or DATA: progress, or a refused recipient."""
+        if status.startswith("250"):
+            self._idle_commands = 0
+        elif status.startswith("5") and self._command == b"RCPT":
+            self._refused += 1
+            if self._client is not None:
+                self._clients.refused(self._client, self.loop.time())
+
+    def _hang_up(self) -> None:
+        """Close after the reply just written, and stop reading: a pipelined command already
+        in the buffer must not run after we said goodbye."""
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None  # aiosmtpd's command and DATA loops end when this is None
+
+    # --- the idle timer during DATA -----------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         if self._data_started is not None:
             if self.loop.time() - self._data_started > self._data_timeout:
@@ -81,25 +208,40 @@ class Session(SMTP):
         finally:
             self._data_started = None
 
+    # --- MAIL and RCPT ------------------------------------------------------------------------
     async def smtp_MAIL(self, arg: str | None) -> None:
-        if arg and _SOURCE_ROUTE.match(arg):
-            await self.push(str(replies.SOURCE_ROUTE))
+        if arg and arg[:5].upper() == "FROM:" and (problem := self._path_problem(arg[5:])):
+            await self.push(str(problem))
             return
         await super().smtp_MAIL(arg)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
-        if arg and _SOURCE_ROUTE.match(arg):
-            await self.push(str(replies.SOURCE_ROUTE))
+        if arg and arg[:3].upper() == "TO:" and (problem := self._path_problem(arg[3:])):
+            await self.push(str(problem))
             return
         await super().smtp_RCPT(arg)
 
-    def connection_lost(self, error: Exception | None) -> None:
-        try:
-            super().connection_lost(error)
-        finally:
-            if self._on_close is not None:
-                self._on_close()
-                self._on_close = None  # type: ignore[assignment]
+    @staticmethod
+    def _path_problem(path: str) -> Reply | None:
+        problem = raw_path_problem(path)
+        if problem is None:
+            return None
+        return replies.SOURCE_ROUTE if problem.reason == SOURCE_ROUTE else replies.ADDRESS_FORM
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        """MAIL and RCPT reach the handler only within the client's rates (after aiosmtpd has
+        checked their syntax, so a malformed command spends nothing)."""
+        if self._client is not None and command in ("MAIL", "RCPT"):
+            now = self.loop.time()
+            if command == "MAIL":  # args[0]: the sender ("<>" for the null sender)
+                refusal = self._clients.mail(self._client, sender_domain(args[0]), now)
+            else:
+                assert self.envelope is not None
+                refusal = self._clients.rcpt(self._client, sender_domain(self.envelope.mail_from or ""), now)
+            if refusal is not None:
+                log.info("%s: %s", self.session.peer if self.session else "?", refusal.text)
+                return str(refusal)
+        return await super()._call_handler_hook(command, *args)
 
 
 class _TooBusy(asyncio.Protocol):
@@ -112,15 +254,17 @@ class _TooBusy(asyncio.Protocol):
 
 
 class SessionFactory:
-    """Builds a `Session` per connection while fewer than `max_sessions` are open."""
+    """Builds a `Session` per connection while fewer than `max_sessions` are open. `limits`
+    (the `[smtp]` config) gives the per-client limits; without it, their defaults."""
 
     def __init__(self, handler: Handler, *, hostname: str, max_sessions: int, max_message_size: int,
                  command_timeout: float, data_timeout: float, tls: ssl.SSLContext | None,
-                 max_line_length: int) -> None:
+                 max_line_length: int, limits: SmtpConfig | None = None) -> None:
         self.handler, self.hostname, self.max_sessions = handler, hostname, max_sessions
         self.max_line_length = max_line_length
         self.max_message_size, self.tls = max_message_size, tls
         self.command_timeout, self.data_timeout = command_timeout, data_timeout
+        self.clients = Clients(limits if limits is not None else default_limits(max_sessions))
         self.open = 0
 
     def _closed(self) -> None:
@@ -133,7 +277,7 @@ class SessionFactory:
         self.open += 1
         return Session(
             self.handler, data_timeout=self.data_timeout, on_close=self._closed,
-            max_line_length=self.max_line_length,
+            max_line_length=self.max_line_length, clients=self.clients,
             hostname=self.hostname, ident="ESMTP", data_size_limit=self.max_message_size,
             enable_SMTPUTF8=True, decode_data=False, tls_context=self.tls,
             timeout=self.command_timeout, loop=asyncio.get_running_loop(),

@@ -1,0 +1,56 @@
+"""The audit log: every committed event as one JSON line, in state_dir/audit.jsonl.
+
+Blocking (called from the store's writer thread). Internal; operator-facing (lines name hidden
+addresses; nothing here reaches a sender). Each line: `time` (ISO 8601, UTC, microseconds),
+`queue_id`, `copy`, `event`, `target`, `detail`. Survives log rotation: when the file was moved
+or removed (logrotate's default `create` mode), the next write opens a new one at the path, and
+`reopen()` (SIGHUP) does so at once (`copytruncate` works too: the file is opened for append).
+Failure: a write error raises OSError to the writer, which has already committed the events
+(the database keeps them; `trace` shows them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, TextIO
+
+from maildetour.store.records import Event
+
+
+class AuditLog:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: TextIO = self._open()
+
+    def _open(self) -> TextIO:
+        return open(self.path, "a", encoding="utf-8")
+
+    def write(self, events: Iterable[Event]) -> None:
+        lines = [json.dumps({
+            "time": datetime.fromtimestamp(e.at, timezone.utc).isoformat(timespec="microseconds"),
+            "queue_id": e.queue_id, "copy": e.copy_id, "event": e.kind, "target": e.target, "detail": e.detail,
+        }) + "\n" for e in events]
+        if not lines:
+            return
+        if self._replaced():
+            self.reopen()
+        self._file.writelines(lines)
+        self._file.flush()
+
+    def reopen(self) -> None:
+        self._file.close()
+        self._file = self._open()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _replaced(self) -> bool:
+        try:
+            on_disk = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        mine = os.fstat(self._file.fileno())
+        return (on_disk.st_dev, on_disk.st_ino) != (mine.st_dev, mine.st_ino)

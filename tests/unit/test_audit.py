@@ -1,0 +1,38 @@
+"""store.audit: one JSON line per event, ISO 8601 times, and a new file after rotation."""
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from maildetour.store.audit import AuditLog
+from maildetour.store.records import Event
+
+
+def event(queue_id: str) -> Event:
+    return Event(1795440356.789012, queue_id, 6, "detoured", "ituki@gm.example.net", "from x: refused")
+
+
+def test_each_event_is_a_json_line_with_an_iso_time(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.write([event("Q1"), event("Q2")])
+    log.close()
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [line["queue_id"] for line in lines] == ["Q1", "Q2"]
+    assert lines[0]["time"] == datetime.fromtimestamp(1795440356.789012, timezone.utc).isoformat()
+    assert lines[0]["time"].endswith(".789012+00:00")
+    assert lines[0] == {"time": lines[0]["time"], "queue_id": "Q1", "copy": 6, "event": "detoured",
+                        "target": "ituki@gm.example.net", "detail": "from x: refused"}
+
+
+def test_a_rotated_log_is_followed_by_a_new_file(tmp_path: Path) -> None:
+    """Issue 11: audit.jsonl survives log rotation (logrotate moves it, or removes it)."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    log.write([event("Q1")])
+    path.rename(tmp_path / "audit.jsonl.1")  # logrotate's default: move, then the writer goes on
+    log.write([event("Q2")])
+    log.reopen()  # SIGHUP (a postrotate script): the same file again, nothing lost
+    log.write([event("Q3")])
+    log.close()
+    assert [json.loads(l)["queue_id"] for l in (tmp_path / "audit.jsonl.1").read_text().splitlines()] == ["Q1"]
+    assert [json.loads(l)["queue_id"] for l in path.read_text().splitlines()] == ["Q2", "Q3"]
