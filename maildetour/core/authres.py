@@ -94,7 +94,7 @@ _COMMENT = re.compile(rb"^\s*(\([^()]*\)\s*)*")
 def strip_our_results(data: bytes, authserv_id: str) -> bytes:
     """`data` without the Authentication-Results fields whose authserv-id is ours (any case);
     every other byte, including line endings and the body, is kept exactly."""
-    ours = authserv_id.strip().lower().encode("utf-8")
+    ours = authserv_id.strip().lower().encode("utf-8", "replace")  # never raises (found by fuzzing)
     lines = re.split(rb"(?<=\n)", data)
     kept: list[bytes] = []
     dropping = False
