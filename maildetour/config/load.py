@@ -373,6 +373,8 @@ def _checks(t: Table, hostname: str, signing: bool) -> ChecksConfig:
         authserv_id=t.get("authserv_id", str, hostname) or hostname,
         timeout=t.convert("timeout", parse_duration, ChecksConfig().timeout),
     )
+    if config.timeout <= 0:  # every check would be temperror
+        raise ConfigError(t.name("timeout"), "must be more than 0")
     t.finish()
     return config
 

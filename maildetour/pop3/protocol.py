@@ -5,7 +5,9 @@ Sans-I/O: bytes from the client go in (`receive`), effects come out (`Send`, `Se
 (`login_result`, `tls_started`, `expunged`). All state transitions are in `_COMMANDS`, one table.
 While an effect is outstanding, later pipelined lines wait in the buffer. Pure: no sockets, no
 files, no clock. Exposure: faces the internet — every byte a client sends lands here first.
-Failure: bad input never raises; it gets `-ERR`, and too much of it gets `-ERR` and `Close`.
+Failure: bad input never raises; it gets `-ERR`, and too much of it gets `-ERR` and `Close`
+(too many commands, bad commands, failed logins, or commands before a login that are not a
+login attempt). The wrapper's deadlines (login time, session time) end a session by `expired`.
 Deletions are only marked here; `Expunge` is emitted only by QUIT in TRANSACTION (UPDATE state).
 """
 
@@ -55,6 +57,9 @@ _ERR_NO_TLS = b"-ERR STLS not available\r\n"
 _ERR_AUTH_CANCELLED = b"-ERR authentication cancelled\r\n"
 _ERR_MECHANISM = b"-ERR unsupported authentication mechanism\r\n"
 _ERR_EXPUNGE = b"-ERR [SYS/TEMP] some deleted messages were not removed\r\n"
+_ERR_NO_LOGIN = b"-ERR too many commands without a login, closing\r\n"
+_ERR_LOGIN_TIME = b"-ERR [AUTH] no login in time, closing\r\n"
+_ERR_SESSION_TIME = b"-ERR [SYS/TEMP] session time limit reached, closing\r\n"
 
 _MAX_NUMBER_DIGITS = 18
 
@@ -79,6 +84,7 @@ class Pop3Session:
         self._commands = 0
         self._bad_commands = 0
         self._login_failures = 0
+        self._commands_before_login = 0  # that were not a login attempt (CAPA, USER, STLS...)
 
     # --- inputs ------------------------------------------------------------------------------
     def greeting(self) -> Send:
@@ -130,6 +136,15 @@ class Pop3Session:
         if self.state is State.CLOSED:
             return []
         return self._close(b"-ERR autologout: idle for too long\r\n")
+
+    def expired(self) -> list[Effect]:
+        """The wrapper's deadline passed: `login_timeout` before a login, `max_session_time`
+        after. Close without UPDATE (nothing is deleted)."""
+        if self.state is State.CLOSED:
+            return []
+        if self.state in (State.TRANSACTION, State.UPDATE):
+            return self._close(_ERR_SESSION_TIME)
+        return self._close(_ERR_LOGIN_TIME)
 
     def expunged(self, failures: int) -> list[Effect]:
         if self.state is not State.UPDATE:
@@ -185,6 +200,10 @@ class Pop3Session:
         if handler is None:
             known = any(keyword in table for table in _COMMANDS.values())
             return self._bad(_ERR_STATE if known else _ERR_UNKNOWN)
+        if self.state is State.AUTHORIZATION and not _is_login_attempt(keyword, argument):
+            self._commands_before_login += 1
+            if self._commands_before_login > self._settings.max_commands_before_login:
+                return self._close(_ERR_NO_LOGIN)
         return handler(self, argument)
 
     def _bad(self, reply: bytes) -> list[Effect]:
@@ -343,6 +362,11 @@ class Pop3Session:
         if number - 1 in self._deleted:
             return None
         return number - 1
+
+
+def _is_login_attempt(keyword: str, argument: str) -> bool:
+    """PASS, or AUTH naming a mechanism: limited by `max_login_failures` and the throttle."""
+    return keyword == "PASS" or (keyword == "AUTH" and bool(argument))
 
 
 def _parse_number(text: str) -> int | None:

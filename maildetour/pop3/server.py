@@ -1,13 +1,22 @@
 """asyncio wrapper around the POP3 state machine: listeners, TLS, login checks, Maildir I/O.
 
 Runs `protocol.Pop3Session` per connection and performs its effects: writes replies with flow
-control, verifies passwords (scrypt, in an executor), keeps the per-mailbox lock and the login
-throttle, lists and reads Maildirs (in an executor, chunk by chunk), starts TLS after STLS
-(dropping any input pipelined behind it), removes messages only when the session says so
-(QUIT in TRANSACTION). Exposure: faces the internet. Failure: a client's I/O error, TLS error
-or timeout ends that connection only, deleting nothing; an unexpected exception is logged and
-ends that connection without its text reaching the client. Config-independent: `app.py` builds
-the accounts and settings and calls `start_pop3`.
+control, verifies passwords (scrypt, in its own bounded thread pool), keeps the per-mailbox
+lock and the login throttle, lists and reads Maildirs (in another pool of its own, chunk by
+chunk), starts TLS after STLS (dropping any input pipelined behind it), removes messages only
+when the session says so (QUIT in TRANSACTION).
+
+Exposure: faces the internet. Limits beyond the protocol's own (issue 10 #3, #8): every login
+attempt is counted by the throttle before its scrypt run (and given back if it succeeds), so
+parallel attempts cannot race past it; one client address (IPv6: its /64) may hold at most
+`max_unauthenticated_per_client` connections that have not logged in; a session must log in
+within `login_timeout` and ends after `max_session_time`, whatever it sends. Neither the
+default thread pool nor the other parts of the process share the scrypt or Maildir threads.
+
+Failure: a client's I/O error, TLS error or timeout ends that connection only, deleting
+nothing; an unexpected exception is logged and ends that connection without its text reaching
+the client. Config-independent: `app.py` builds the accounts and settings and calls
+`start_pop3`.
 """
 
 from __future__ import annotations
@@ -18,8 +27,9 @@ import ipaddress
 import logging
 import ssl
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +41,7 @@ from maildetour.pop3.events import (
     CheckLogin, Close, Effect, Expunge, LoginAccepted, LoginInUse, LoginRefused, LoginResult,
     LoginUnavailable, Pop3Message, Send, SendMessage, StartTls)
 from maildetour.pop3.protocol import MESSAGE_GONE, TOO_MANY_CONNECTIONS, Pop3Session, State
-from maildetour.pop3.throttle import LoginThrottle
+from maildetour.pop3.throttle import LoginThrottle, client_key
 from maildetour.pop3.wire import MessageEncoder
 
 log = logging.getLogger(__name__)
@@ -74,6 +84,7 @@ class Pop3Server:
         tasks = list(self._service.tasks)
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        self._service.shutdown()
 
 
 async def start_pop3(*, listen: Sequence[tuple[str, int]], listen_tls: Sequence[tuple[str, int]],
@@ -86,11 +97,17 @@ async def start_pop3(*, listen: Sequence[tuple[str, int]], listen_tls: Sequence[
     if listen_tls and ssl_context is None:
         raise ValueError("pop3 listen_tls needs a TLS certificate (ssl_context)")
     loop = asyncio.get_running_loop()
-    # Unknown users get a scrypt run against this, so a refusal takes as long either way.
-    dummy_hash = await loop.run_in_executor(None, hash_password, "unused")
+    password_pool = ThreadPoolExecutor(settings.password_workers, "maildetour-pop3-scrypt")
+    try:
+        # Unknown users get a scrypt run against this, so a refusal takes as long either way.
+        dummy_hash = await loop.run_in_executor(password_pool, hash_password, "unused")
+    except BaseException:
+        password_pool.shutdown(wait=False)
+        raise
     service = _Service(
         accounts={a.address.lower(): a for a in accounts.values()}, settings=settings,
-        hostname=hostname, ssl_context=ssl_context, clock=clock, dummy_hash=dummy_hash)
+        hostname=hostname, ssl_context=ssl_context, clock=clock, dummy_hash=dummy_hash,
+        password_pool=password_pool)
     plain: list[asyncio.Server] = []
     tls: list[asyncio.Server] = []
     try:
@@ -104,16 +121,19 @@ async def start_pop3(*, listen: Sequence[tuple[str, int]], listen_tls: Sequence[
     except BaseException:
         for server in plain + tls:
             server.close()
+        service.shutdown()
         raise
     return Pop3Server(service, plain, tls)
 
 
 class _Service:
-    """State shared by the sessions of one server: accounts, locks, throttle, live sessions."""
+    """State shared by the sessions of one server: accounts, locks, throttle, live sessions,
+    connections not logged in per client, and the two thread pools (scrypt; Maildir I/O)."""
 
     def __init__(self, *, accounts: dict[str, Pop3Account], settings: Pop3Settings,
                  hostname: str, ssl_context: ssl.SSLContext | None,
-                 clock: Callable[[], float], dummy_hash: str) -> None:
+                 clock: Callable[[], float], dummy_hash: str,
+                 password_pool: ThreadPoolExecutor) -> None:
         self.accounts = accounts
         self.settings = settings
         self.hostname = hostname
@@ -127,6 +147,14 @@ class _Service:
             per_client=settings.max_failures_per_client,
             per_mailbox=settings.max_failures_per_mailbox,
             window=settings.failure_window, max_tracked=settings.max_tracked_failures)
+        self.unauthenticated: Counter[str] = Counter()  # client_key -> connections not logged in
+        self.password_pool = password_pool
+        self.io_pool = ThreadPoolExecutor(settings.io_workers, "maildetour-pop3-io")
+
+    def shutdown(self) -> None:
+        """Let the pools' threads end (a running scrypt or read finishes; nothing waits)."""
+        self.password_pool.shutdown(wait=False, cancel_futures=True)
+        self.io_pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _Connection(asyncio.Protocol):
@@ -146,6 +174,10 @@ class _Connection(asyncio.Protocol):
         self._listing: list[MaildirMessage] = []
         self._lock: str | None = None
         self._session: Pop3Session | None = None
+        self._unauthenticated: str | None = None  # our client key while not logged in
+        self._streaming = False  # inside a RETR/TOP response: no other reply may go out
+        self._deadline: asyncio.Timeout | None = None  # login_timeout, then max_session_time
+        self._session_end = 0.0  # loop time
 
     # --- asyncio.Protocol callbacks ----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -158,6 +190,14 @@ class _Connection(asyncio.Protocol):
             return
         peer = transport.get_extra_info("peername")
         self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        key = client_key(self._peer)
+        if service.unauthenticated[key] >= service.settings.max_unauthenticated_per_client:
+            log.info("pop3 %s: too many connections not logged in from this client", self._peer)
+            transport.write(TOO_MANY_CONNECTIONS)
+            transport.close()
+            return
+        service.unauthenticated[key] += 1
+        self._unauthenticated = key
         service.connections.add(self)
         self._session = Pop3Session(
             settings=service.settings, hostname=service.hostname,
@@ -185,6 +225,16 @@ class _Connection(asyncio.Protocol):
         self._wakeup.set()
         self._writable.set()
         self._service.connections.discard(self)
+        self._authenticated()
+
+    def _authenticated(self) -> None:
+        """No longer an unauthenticated connection of its client (logged in, or gone)."""
+        key, self._unauthenticated = self._unauthenticated, None
+        if key is not None:
+            counts = self._service.unauthenticated
+            counts[key] -= 1
+            if counts[key] <= 0:
+                del counts[key]
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -198,16 +248,20 @@ class _Connection(asyncio.Protocol):
 
     # --- the session ---------------------------------------------------------------------------
     async def _serve(self, session: Pop3Session) -> None:
+        settings = self._service.settings
+        now = asyncio.get_running_loop().time()
+        self._session_end = now + settings.max_session_time
         try:
-            await self._perform([session.greeting()])
-            while session.state is not State.CLOSED:
-                data = await self._read()
-                if data is None:
-                    await self._perform(session.timed_out())
-                    break
-                if not data:
-                    break
-                await self._perform(session.receive(data))
+            try:
+                async with asyncio.timeout_at(
+                        min(now + settings.login_timeout, self._session_end)) as self._deadline:
+                    await self._converse(session)
+            except TimeoutError:
+                if self._deadline is None or not self._deadline.expired():
+                    raise
+                log.info("pop3 %s: %s", self._peer, "session time limit" if self._account
+                         else "no login in time")
+                self._expire(session)
         except (ConnectionError, ssl.SSLError, TimeoutError, OSError) as error:
             log.info("pop3 %s: connection ended: %s", self._peer, type(error).__name__)
         except Exception:
@@ -219,6 +273,30 @@ class _Connection(asyncio.Protocol):
             if self._transport is not None:
                 self._transport.close()
             self._service.connections.discard(self)
+            self._authenticated()
+
+    async def _converse(self, session: Pop3Session) -> None:
+        await self._perform([session.greeting()])
+        while session.state is not State.CLOSED:
+            data = await self._read()
+            if data is None:
+                await self._perform(session.timed_out())
+                break
+            if not data:
+                break
+            await self._perform(session.receive(data))
+
+    def _expire(self, session: Pop3Session) -> None:
+        """A deadline passed: say so if the reply can go out at once (no waiting), close."""
+        # Between two TLS layers, or inside a message being sent: a reply would land in the
+        # handshake or in the message. Just close (the client sees no final "." and retries).
+        pending = session.state is State.TLS_PENDING or self._streaming
+        for effect in session.expired():
+            transport = self._transport
+            if isinstance(effect, Send) and transport and not transport.is_closing() and not pending:
+                transport.write(effect.data)
+        if self._transport is not None:
+            self._transport.close()
 
     async def _read(self) -> bytes | None:
         """Next received bytes; b"" at end of input; None after the idle timeout."""
@@ -271,24 +349,27 @@ class _Connection(asyncio.Protocol):
         service = self._service
         loop = asyncio.get_running_loop()
         name = username.lower()
-        if service.throttle.blocked(self._peer, name, service.clock()):
+        # Counted as a failure before the password is checked, given back only if it was
+        # right: parallel attempts cannot all pass the check while their scrypt runs.
+        reservation = service.throttle.reserve(self._peer, name, service.clock())
+        if reservation is None:
             log.warning("pop3 %s: login throttled", self._peer)
             await asyncio.sleep(service.settings.failed_login_delay)
             return LoginRefused()
         account = service.accounts.get(name)
         matches = await loop.run_in_executor(
-            None, _password_matches, account, password, service.dummy_hash)
+            service.password_pool, _password_matches, account, password, service.dummy_hash)
         if account is None or not matches:
-            service.throttle.record_failure(self._peer, name, service.clock())
             log.info("pop3 %s: login failed", self._peer)
             await asyncio.sleep(service.settings.failed_login_delay)
             return LoginRefused()
+        service.throttle.release(reservation)
         if name in service.locked:
             return LoginInUse()
         service.locked.add(name)
         self._lock = name
         try:
-            listing = await loop.run_in_executor(None, list_messages, account.maildir)
+            listing = await loop.run_in_executor(service.io_pool, list_messages, account.maildir)
         except OSError as error:
             log.error("pop3: cannot list mailbox %s: %s", name, error)
             service.locked.discard(name)
@@ -296,6 +377,9 @@ class _Connection(asyncio.Protocol):
             return LoginUnavailable()
         self._account = account
         self._listing = _unique(listing)
+        self._authenticated()
+        if self._deadline is not None:
+            self._deadline.reschedule(self._session_end)  # login_timeout no longer applies
         log.info("pop3 %s: %s logged in, %d messages", self._peer, name, len(self._listing))
         return LoginAccepted(tuple(Pop3Message(m.uid, m.size) for m in self._listing))
 
@@ -303,15 +387,17 @@ class _Connection(asyncio.Protocol):
                             body_lines: int | None) -> None:
         assert self._account is not None
         loop = asyncio.get_running_loop()
-        handle = await loop.run_in_executor(None, open_message, self._account.maildir, message)
+        pool = self._service.io_pool
+        handle = await loop.run_in_executor(pool, open_message, self._account.maildir, message)
         if handle is None:
             await self._write(MESSAGE_GONE)
             return
+        self._streaming = True
         try:
             await self._write(first_line)
             encoder = MessageEncoder(body_lines)
             while not encoder.done:
-                chunk = await loop.run_in_executor(None, handle.read, READ_CHUNK)
+                chunk = await loop.run_in_executor(pool, handle.read, READ_CHUNK)
                 if not chunk:
                     break
                 if out := encoder.feed(chunk):
@@ -319,6 +405,7 @@ class _Connection(asyncio.Protocol):
             await self._write(encoder.finish())
         finally:
             handle.close()
+        self._streaming = False  # not in `finally`: cut off mid-message, it stays cut off
 
     async def _start_tls(self) -> None:
         assert self._transport is not None and self._service.ssl_context is not None
@@ -342,7 +429,7 @@ class _Connection(asyncio.Protocol):
         doomed = [self._listing[i] for i in indexes]
         try:
             return await asyncio.get_running_loop().run_in_executor(
-                None, remove, self._account.maildir, doomed)
+                self._service.io_pool, remove, self._account.maildir, doomed)
         except OSError as error:
             log.error("pop3: cannot remove messages: %s", error)
             return len(doomed)
@@ -350,13 +437,15 @@ class _Connection(asyncio.Protocol):
 
 def _password_matches(account: Pop3Account | None, password: str, dummy_hash: str) -> bool:
     """Blocking (scrypt): always one scrypt run, whether or not the account exists or has a
-    clear-text password, so timing tells nothing."""
+    clear-text password, so timing tells nothing. An empty password never matches (issue 10
+    #10), whatever is stored."""
     if account is None or account.password_hash is None:
         verify_password(dummy_hash, password)
-        if account is None or account.password is None:
+        if account is None or not account.password or not password:
             return False
-        return hmac.compare_digest(account.password.encode("utf-8"), password.encode("utf-8"))
-    return verify_password(account.password_hash, password)
+        return hmac.compare_digest(account.password.encode("utf-8", "surrogatepass"),
+                                   password.encode("utf-8", "surrogatepass"))
+    return verify_password(account.password_hash, password) and password != ""
 
 
 def _unique(listing: list[MaildirMessage]) -> list[MaildirMessage]:

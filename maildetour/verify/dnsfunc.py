@@ -1,11 +1,12 @@
-"""DNS lookups for dkimpy, authheaders and pyspf through *our* dnspython resolver.
+"""Blocking DNS lookups for dkimpy through *our* dnspython resolver (ARC signing).
 
 What it does: `DnsLookup` wraps a `dns.resolver.Resolver` (built by the caller, never the
-default one: the machine's resolv.conf must not be used) into the callables these libraries
-accept — `lookup(name, timeout=...)` returning the TXT record as bytes for dkimpy's
-`dnsfunc=`, `lookup.text(name)` returning str for authheaders' `dnsfunc=`, and
-`lookup.records(name, rdtype)` for our pyspf adapter. An optional deadline bounds the total
-time of all lookups made through one instance, so a check as a whole cannot stall.
+default one: the machine's resolv.conf must not be used) into the callables libraries accept
+— `lookup(name, timeout=...)` returning the TXT record as bytes for dkimpy's `dnsfunc=`
+(ARC sealing validates the chain it extends with it), and `lookup.records(name, rdtype)`. An optional deadline bounds the total time of all lookups
+made through one instance. The inbound checks do not use it: their DNS is asynchronous
+(`verify.lookups`), so a slow domain holds no thread. `pick_txt` chooses the one TXT record a
+library takes, for both.
 
 Contract: blocking (dnspython's synchronous resolver) — call it from a worker thread, never on
 the event loop. No caching beyond what the given resolver does. No globals.
@@ -29,7 +30,7 @@ import dns.rdata
 import dns.rdatatype
 import dns.resolver
 
-__all__ = ["DnsLookup", "DnsTemporaryError"]
+__all__ = ["DnsLookup", "DnsTemporaryError", "pick_txt"]
 
 class DnsTemporaryError(dns.exception.DNSException):
     """The answer could not be had now (timeout, SERVFAIL, time budget spent)."""
@@ -76,12 +77,7 @@ class DnsLookup:
         dkimpy's own `timeout` is ignored: ours (and the deadline) apply."""
         del timeout
         texts = [b"".join(r.strings) for r in self.records(name, "TXT")]  # type: ignore[attr-defined]
-        return _pick(texts)
-
-    def text(self, name: str) -> str | None:
-        """authheaders' `dnsfunc`: the TXT record at `name` as str, None if there is none."""
-        found = self(name)
-        return None if found is None else found.decode("utf-8", errors="replace")
+        return pick_txt(texts)
 
     def _lifetime(self) -> float:
         if self.deadline is None:
@@ -100,7 +96,7 @@ def _qname(name: str | bytes) -> dns.name.Name | None:
         return None
 
 
-def _pick(texts: list[bytes]) -> bytes | None:
+def pick_txt(texts: list[bytes]) -> bytes | None:
     """One TXT record for libraries that take one: the first tagged one ("v=..."), else the
     first. (A DKIM key or DMARC name rarely holds more than one record.)"""
     for text in texts:
