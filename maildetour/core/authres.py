@@ -87,6 +87,7 @@ def _resinfos(value: str) -> list[str]:
 
 # -- removing forged results (RFC 8601 section 5) --------------------------------------------
 
+_BLANK_LINE = re.compile(rb"(?m)^\r?\n")
 _AR_NAME = re.compile(rb"^authentication-results[ \t]*:", re.IGNORECASE)
 _COMMENT = re.compile(rb"^\s*(\([^()]*\)\s*)*")
 
@@ -95,13 +96,16 @@ def strip_our_results(data: bytes, authserv_id: str) -> bytes:
     """`data` without the Authentication-Results fields whose authserv-id is ours (any case);
     every other byte, including line endings and the body, is kept exactly."""
     ours = authserv_id.strip().lower().encode("utf-8", "replace")  # never raises (found by fuzzing)
-    lines = re.split(rb"(?<=\n)", data)
+    blank = _BLANK_LINE.search(data)  # the end of the header section: the rest is kept as it is
+    head, rest = (data[:blank.start()], data[blank.start():]) if blank else (data, b"")
+    if b"authentication-results" not in head.lower():
+        return data  # the common case: nothing to look at, and no copy of a big message
+    lines = re.split(rb"(?<=\n)", head)
     kept: list[bytes] = []
     dropping = False
     for position, line in enumerate(lines):
-        if line in (b"\r\n", b"\n", b""):  # end of the header section: the rest as it is
-            kept.extend(lines[position:])
-            break
+        if not line:
+            continue
         if line[:1] in (b" ", b"\t"):  # continuation of the field before
             if not dropping:
                 kept.append(line)
@@ -109,7 +113,7 @@ def strip_our_results(data: bytes, authserv_id: str) -> bytes:
         dropping = bool(_AR_NAME.match(line)) and _claims(line, lines[position + 1 :], ours)
         if not dropping:
             kept.append(line)
-    return b"".join(kept)
+    return b"".join(kept) + rest
 
 
 def _claims(first: bytes, following: list[bytes], ours: bytes) -> bool:

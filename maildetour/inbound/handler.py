@@ -153,17 +153,19 @@ class Handler:
         sender = "" if envelope.mail_from == NULL_SENDER else envelope.mail_from
         if self.authserv_id is not None:
             data = strip_our_results(data, self.authserv_id)
+        checks_header = b""
         if self.checks is not None:
-            data = await self.checks.header(data, client_ip=client_ip, helo=session.host_name or "",
-                                            mail_from=sender) + data
+            checks_header = await self.checks.header(data, client_ip=client_ip, helo=session.host_name or "",
+                                                     mail_from=sender)
         protocol = ("ESMTPS" if session.ssl else "ESMTP") if session.extended_smtp else "SMTP"
         if envelope.smtp_utf8:
             protocol = "UTF8SMTPS" if session.ssl else "UTF8SMTP"  # RFC 6531 section 3.7.3
-        full = received_header(
+        received = received_header(
             helo=session.host_name or "", client_ip=client_ip, hostname=self.hostname,
             queue_id=queue_id, protocol=protocol,
             recipients=tuple(r.recipient for r in routes), now=now,
-        ) + data
+        )
+        full = b"".join((received, checks_header, data))  # one copy of the message, not two
         client = f"{session.host_name} [{client_ip}]"
         message = Message(queue_id, sender, now, find_message_id(data), len(full), client)
         if envelope.srs_rcpts:
