@@ -2,8 +2,10 @@
 
 Contract: `deliver` returns only after the message file is fsync'ed, renamed into `new/` and
 `new/` itself is fsync'ed (stdlib `mailbox.Maildir.add` skips the directory fsync and writes
-mode 0644; we write 0600 in 0700 directories). `remove` fsyncs the directory it unlinked from.
-Listing reads names and `stat`s, never message bodies, when the name carries the sizes.
+mode 0644; we write 0600 in 0700 directories), and only once the Maildir's directories and any
+ancestors it had to make have durable names (`durable.make_dirs`: each fsync'ed into its
+parent). `remove` fsyncs the directory it unlinked from. Listing reads names and `stat`s,
+never message bodies, when the name carries the sizes.
 
 Exposure: internal. Paths come from the configuration, never from a client; a client only ever
 picks among the entries a listing returned. Failure: OSError propagates to the caller (local
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from maildetour.durable import fsync_dir, write_synced
+from maildetour.durable import fsync_dir, make_dirs, write_synced
 
 _SUBDIRS = ("tmp", "new", "cur")
 _SIZE_FIELD = re.compile(r",([SW])=(\d{1,15})(?=[,:]|$)")
@@ -72,18 +74,10 @@ def deliver(root: Path, data: bytes) -> str:
 
 
 def ensure_maildir(root: Path) -> None:
-    """Create root and its tmp/new/cur (mode 0700) if missing, fsyncing each new directory."""
-    if not root.is_dir():
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fsync_dir(root.parent)
-    created = False
-    for sub in _SUBDIRS:
-        path = root / sub
-        if not path.is_dir():
-            path.mkdir(mode=0o700, exist_ok=True)
-            created = True
-    if created:
-        fsync_dir(root)
+    """Create root, its missing ancestors and its tmp/new/cur (mode 0700), durably: each new
+    directory's parent is fsync'ed (issue 10, #13: `mailboxes/` itself too, or a power cut takes
+    a new mailbox's first messages along)."""
+    make_dirs(*(root / sub for sub in _SUBDIRS))
 
 
 def list_messages(root: Path) -> list[MaildirMessage]:

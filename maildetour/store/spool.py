@@ -1,8 +1,10 @@
 """Message bytes on disk, one file per message, written durably.
 
-Blocking (call from a thread). Internal. `write` returns only after the bytes are fsync'ed
-and the file renamed to its final name; `sync` fsyncs the directory so the rename itself is
-durable — the store calls it once for a whole group of writes, before committing the queue.
+Blocking (call from a thread). Internal. The spool's directories (`spool/`, `spool/tmp/`) are
+made durably when it is opened: each fsync'ed into its parent (issue 10, #13). `write` returns
+only after the bytes are fsync'ed and the file renamed to its final name; `sync` fsyncs the
+directory so the rename itself is durable — the store calls it once for a whole group of writes,
+before committing the queue.
 Fails with OSError (disk full, permissions): the caller answers 451 and nothing is promised.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from maildetour.durable import fsync_dir, write_synced
+from maildetour.durable import fsync_dir, make_dirs, write_synced
 
 
 class Spool:
@@ -19,8 +21,7 @@ class Spool:
         self.root = root
         self.tmp = root / "tmp"
         if create:
-            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self.tmp.mkdir(exist_ok=True, mode=0o700)
+            make_dirs(self.root, self.tmp)
 
     def path(self, queue_id: str) -> Path:
         return self.root / queue_id

@@ -13,19 +13,22 @@ a running server (`readonly=True` for what only reads), and run the writer with 
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Sequence, TextIO, TypeVar
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
+from maildetour.durable import make_dirs
+from maildetour.store.audit import AuditLog
 from maildetour.store.cache import BytesCache
 from maildetour.store.records import FINAL_STATES, Copy, CopyState, Event, Message, NewCopy, Story
 from maildetour.store.spool import Spool
 
 T = TypeVar("T")
+log = logging.getLogger("maildetour.store")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -68,7 +71,7 @@ CREATE INDEX IF NOT EXISTS events_queue_id ON events(queue_id);
 
 _COPY_COLUMNS = (
     "c.id, c.queue_id, m.mail_from, c.recipient, c.target, coalesce(c.origin, c.target), c.hidden_origin,"
-    " c.state, c.attempts, c.next_at, c.first_failure, c.detours, m.received_at"
+    " c.state, c.attempts, c.next_at, c.first_failure, c.detours, m.received_at, m.size"
 )
 
 
@@ -76,7 +79,7 @@ def _copy(row: Sequence[Any]) -> Copy:
     return Copy(
         id=row[0], queue_id=row[1], mail_from=row[2], recipient=row[3], target=row[4], origin=row[5],
         hidden=bool(row[6]), state=row[7], attempts=row[8], next_at=row[9],
-        first_failure=row[10], detours=row[11], received_at=row[12],
+        first_failure=row[10], detours=row[11], received_at=row[12], size=row[13],
     )
 
 
@@ -115,10 +118,10 @@ class SqliteStore:
                  cache_seconds: float = 0.0, readonly: bool = False) -> None:
         self.readonly = readonly
         if not readonly:
-            db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_dirs(db_path.parent)  # its name durable before the queue is (issue 10, #13)
         self.spool = Spool(spool_dir, create=not readonly)
         self._conn = connect(db_path, readonly=readonly)
-        self._audit: TextIO | None = None if readonly else open(audit_path, "a", encoding="utf-8")
+        self._audit: AuditLog | None = None if readonly else AuditLog(audit_path)
         self._cache = BytesCache(cache_bytes, cache_seconds)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
         self._pending: list[_Op] = []
@@ -182,17 +185,20 @@ class SqliteStore:
             if self._conn.in_transaction:
                 self._conn.execute("ROLLBACK")
             return [(False, exc) for _ in batch]
-        self._log(e for op, (ok, _) in zip(batch, results) if ok for e in op.events)
+        try:
+            self._log(e for op, (ok, _) in zip(batch, results) if ok for e in op.events)
+        except OSError as exc:  # a full disk must not stop the writer: the database has them
+            log.error("audit log not written (%s): the events are in the queue database", exc.strerror or exc)
         return results
 
     def _log(self, events: Any) -> None:
         assert self._audit is not None
-        for e in events:
-            self._audit.write(json.dumps({
-                "at": round(e.at, 6), "queue_id": e.queue_id, "copy": e.copy_id,
-                "event": e.kind, "target": e.target, "detail": e.detail,
-            }) + "\n")
-        self._audit.flush()
+        self._audit.write(events)
+
+    def reopen_audit_log(self) -> None:
+        """SIGHUP: the audit log was rotated; write to a new file at its path."""
+        if self._audit is not None:
+            self._audit.reopen()
 
     def _enqueue(self, func: Callable[[sqlite3.Connection], T], *, spool: bool = False,
                  events: Sequence[Event] = ()) -> asyncio.Future[T]:
@@ -235,7 +241,7 @@ class SqliteStore:
                     id=int(cur.lastrowid or 0), queue_id=message.queue_id, mail_from=message.mail_from,
                     recipient=c.recipient, target=c.target, origin=c.target, hidden=c.hidden,
                     state=c.state, attempts=0, next_at=message.received_at, first_failure=None,
-                    detours=0, received_at=message.received_at,
+                    detours=0, received_at=message.received_at, size=message.size,
                 )
                 made.append(copy)
                 if c.state != "queued":
@@ -244,7 +250,12 @@ class SqliteStore:
             _insert_events(conn, logged)
             return made
 
-        made = await self._submit(insert, spool=True, events=logged)
+        try:
+            made = await self._submit(insert, spool=True, events=logged)
+        except Exception:  # the insert failed: never committed; its file must not take space (a full
+            # disk). Not on cancellation: the queued insert may still commit, and needs the file.
+            await asyncio.to_thread(self.spool.remove, message.queue_id)
+            raise
         self._cache.put(message.queue_id, data)
         return made
 

@@ -89,7 +89,7 @@ def test_imap_down_is_retried_until_detour_after_then_the_local_box_and_no_secon
                             detour_after="2s", delivery_extra='retry_first = "300ms"', detour=CHAIN) as server:
             queue_id = server.send(message("imap is down", extra_headers="X-Refuse: yes\r\n"))
             [detoured] = server.wait_mailbox(DETOUR, 1, timeout=20)
-            events = server.events(queue_id)
+            events = server.wait_event(queue_id, "delivered", target=DETOUR)  # the file comes first
             time.sleep(1.0)  # had the IMAP step been kept alive, it would try again now
             later = server.events(queue_id)
     deferred = [e for e in events if e[0] == "deferred" and e[1] == "imap:gmail"]

@@ -301,7 +301,7 @@ def test_closed_port_and_silent_server_are_temporary_not_unreachable() -> None:
     results = asyncio.run(main())
     assert results["imap:closed"] == TemporaryFailure(
         f"u@example.test@127.0.0.1:{closed_port}: connection refused", 451, "4.4.1",
-        "the mailbox server could not be reached")
+        "the mailbox server could not be reached", relay=f"u@example.test@127.0.0.1:{closed_port}")
     stalled = results["imap:quiet"]
     assert isinstance(stalled, TemporaryFailure) and stalled.status == "4.4.1"
     assert "timed out connecting" in stalled.reason
