@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", choices=("plain", "json"), default="plain",
                        help="server log lines as key=value (default, fit for journald) or JSON")
     with_config("check", "validate the config and print the routing table")
+    with_config("reload", "check the config, then tell the running server to switch to it (SIGHUP)")
     with_config("route", "where mail for ADDRESS goes, and why").add_argument("address")
     with_config("trace", "the story of one message, by queue id or Message-ID").add_argument("id")
     queue = with_config("queue", "list queued, held and quarantined copies, or change the queue")
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                 return commands.serve(config, args.verbose, args.log_format)
             case "check":
                 return commands.check(config)
+            case "reload":
+                return commands.reload(config)
             case "dkim":
                 return commands.dkim_keygen(config, args.bits)
             case "imap":

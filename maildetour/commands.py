@@ -4,7 +4,7 @@ Operator-facing. Each function prints its result and returns the exit code: 0 do
 matched, refused or bad input (one line on stderr). Config errors are raised as ConfigError
 for `cli` to print. The queue is read and changed only through the store (like postqueue and
 postsuper ask the queue owner); a running server is told by signal to pick changes up
-(SIGUSR1: flush, SIGUSR2: read the queue again).
+(SIGUSR1: flush, SIGUSR2: read the queue again, SIGHUP: read the config again).
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import TypeVar
 
 from maildetour import logs, report
-from maildetour.logs import LogFormat
 from maildetour.config.model import Config
 from maildetour.core.address import AddressError, parse_address
 from maildetour.core.password import hash_password
 from maildetour.core.routing import route as route_address
+from maildetour.logs import LogFormat
 from maildetour.sign.srs import make_secret_file
 from maildetour.store.records import CopyState
 from maildetour.store.sqlite import SqliteStore
@@ -39,7 +39,8 @@ def _fail(text: str) -> int:
 
 
 def serve(config: Config, verbose: bool, log_format: LogFormat = "plain") -> int:
-    from maildetour.app import App, validate
+    from maildetour.app import App
+    from maildetour.wiring import validate
 
     validate(config)
     logs.setup(logging.DEBUG if verbose else logging.INFO, log_format)
@@ -48,10 +49,25 @@ def serve(config: Config, verbose: bool, log_format: LogFormat = "plain") -> int
 
 
 def check(config: Config) -> int:
-    from maildetour.app import validate
+    from maildetour.wiring import validate
 
     validate(config)
     print(report.routing_table(config))
+    return 0
+
+
+def reload(config: Config) -> int:
+    """Check the config as the server would read it, then SIGHUP the server of its state dir.
+    A config that fails the check is not sent (the error is raised for `cli` to print); the
+    server checks again and, if it still cannot use it, logs one line and keeps the old."""
+    from maildetour.wiring import validate
+
+    validate(config)
+    pid = _server_pid(config)
+    if pid is None:
+        return _fail(f"no server is running on {config.server.state_dir}")
+    os.kill(pid, signal.SIGHUP)
+    print(f"reload requested from pid {pid}; its log says when the new config is in use")
     return 0
 
 

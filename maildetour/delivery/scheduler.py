@@ -19,7 +19,7 @@ import itertools
 import logging
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Callable, Iterable, Mapping
+from typing import Awaitable, Callable, Iterable, Mapping
 
 from maildetour.core.outcome import Delivered, Outcome, PermanentFailure, TemporaryFailure, Unreachable
 from maildetour.core.policy import (
@@ -75,7 +75,19 @@ class Scheduler:
         self._busy: dict[int, object] = {}
         self._wake = asyncio.Event()
         self._running = 0  # attempts in flight
+        self._attempts: set[asyncio.Task[None]] = set()  # the same, as tasks (a reload waits for them)
         self._flush_requested = self._reload_requested = False
+
+    def reconfigure(self, *, table: RoutingTable, agents: Mapping[Kind, Agent], retry: RetryRules,
+                    max_parallel: int, dsn: DsnWriter, keep_for: float | None, rate_delay: float,
+                    max_bytes: int) -> Awaitable[object]:
+        """A reload: attempts from now on use these; the queue, throttles and attempts in flight
+        stay. Returns what to await before the old agents may be closed (the attempts that
+        were already running with them)."""
+        self.table, self.agents, self.retry, self.max_parallel = table, agents, retry, max_parallel
+        self.dsn, self.keep_for, self.rate_delay, self.max_bytes = dsn, keep_for, rate_delay, max_bytes
+        self._wake.set()  # more slots, perhaps
+        return asyncio.gather(*self._attempts, return_exceptions=True)
 
     # --- intake -----------------------------------------------------------------------------
     def submit(self, copies: list[Copy]) -> None:
@@ -147,7 +159,9 @@ class Scheduler:
                     self._busy.update((c.id, token) for c in group)
                     self._running += 1
                     self._bytes += group[0].size
-                    tasks.create_task(self._attempt(group, token))
+                    attempt = tasks.create_task(self._attempt(group, token))
+                    self._attempts.add(attempt)
+                    attempt.add_done_callback(self._attempts.discard)
                 full = self.max_bytes > 0 and self._bytes >= self.max_bytes
                 if self._running >= self.max_parallel or (full and self._running):
                     timeout = None  # a finishing attempt wakes us

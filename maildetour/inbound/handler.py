@@ -91,6 +91,17 @@ class Handler:
         # Incoming Authentication-Results claiming our id are forged: removed when we check or sign.
         self.authserv_id = checks.authserv_id if checks is not None else authserv_id
 
+    def reconfigured(self, *, table: RoutingTable, hostname: str, limits: InboundLimits,
+                     checks: Checks | None, srs: SrsCodec | None, authserv_id: str | None) -> Handler:
+        """A handler for new sessions after a reload: the new config's parts, the same store,
+        scheduler and late-bounce handling, and the same commits in flight (`drain` on either
+        waits for both). Sessions already open keep the handler they started with."""
+        new = Handler(table=table, store=self.store, hostname=hostname, limits=limits,
+                      on_accepted=self.on_accepted, clock=self.clock, checks=checks, srs=srs,
+                      on_late_bounce=self.on_late_bounce, authserv_id=authserv_id)
+        new._commits = self._commits
+        return new
+
     async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
                           responses: list[str]) -> list[str]:
         session.host_name = hostname
@@ -182,6 +193,11 @@ class Handler:
             await self._unstoppable(work, queue_id)
         except (OSError, sqlite3.Error) as error:
             return str(storage_reply(error))
+        kind = "late bounce" if envelope.srs_rcpts else "accepted"
+        fields = {"queue_id": queue_id, "from": f"<{sender}>", "size": len(full),
+                  "nrcpt": len(envelope.srs_rcpts or routes), "client": message.client,
+                  "message_id": message.message_id or "none"}
+        log.info("%s: %s", queue_id, kind, extra={"fields": fields})  # like Postfix's qmgr "from=<...>" line
         return str(replies.queued(queue_id))
 
     async def _commit(self, message: Message, data: bytes, copies: list[NewCopy], events: list[Event],

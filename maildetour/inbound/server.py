@@ -260,12 +260,24 @@ class SessionFactory:
     def __init__(self, handler: Handler, *, hostname: str, max_sessions: int, max_message_size: int,
                  command_timeout: float, data_timeout: float, tls: ssl.SSLContext | None,
                  max_line_length: int, limits: SmtpConfig | None = None) -> None:
+        self.open = 0
+        self.clients = Clients(limits if limits is not None else default_limits(max_sessions))
+        self.configure(handler, hostname=hostname, max_sessions=max_sessions, max_message_size=max_message_size,
+                       command_timeout=command_timeout, data_timeout=data_timeout, tls=tls,
+                       max_line_length=max_line_length, limits=limits)
+
+    def configure(self, handler: Handler, *, hostname: str, max_sessions: int, max_message_size: int,
+                  command_timeout: float, data_timeout: float, tls: ssl.SSLContext | None,
+                  max_line_length: int, limits: SmtpConfig | None = None) -> None:
+        """Settings for sessions from now on (a reload); open sessions keep theirs. Per-client
+        counts start afresh only when the `[smtp]` table changed."""
         self.handler, self.hostname, self.max_sessions = handler, hostname, max_sessions
         self.max_line_length = max_line_length
         self.max_message_size, self.tls = max_message_size, tls
         self.command_timeout, self.data_timeout = command_timeout, data_timeout
-        self.clients = Clients(limits if limits is not None else default_limits(max_sessions))
-        self.open = 0
+        wanted = limits if limits is not None else default_limits(max_sessions)
+        if self.clients.limits != wanted:
+            self.clients = Clients(wanted)
 
     def _closed(self) -> None:
         self.open -= 1

@@ -62,29 +62,91 @@ class Pop3Account:
 
 
 class Pop3Server:
-    """Handle on the running listeners and their sessions."""
+    """Handle on the running listeners and their sessions; listeners come and go on reload."""
 
-    def __init__(self, service: _Service, servers: list[asyncio.Server],
-                 tls_servers: list[asyncio.Server]) -> None:
+    def __init__(self, service: _Service) -> None:
         self._service = service
-        self.servers = servers + tls_servers
-        self.addresses = [_bound(s) for s in servers]
-        self.tls_addresses = [_bound(s) for s in tls_servers]
+        self._listeners: dict[tuple[str, int, bool], asyncio.Server] = {}  # (host, port, implicit TLS)
+
+    @property
+    def servers(self) -> list[asyncio.Server]:
+        return list(self._listeners.values())
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [_bound(s) for (_, _, tls), s in self._listeners.items() if not tls]
+
+    @property
+    def tls_addresses(self) -> list[tuple[str, int]]:
+        return [_bound(s) for (_, _, tls), s in self._listeners.items() if tls]
+
+    @property
+    def listening(self) -> set[tuple[str, int, bool]]:
+        """The configured (host, port, implicit TLS) of every listener."""
+        return set(self._listeners)
+
+    async def listen(self, host: str, port: int, *, tls: bool, context: ssl.SSLContext | None = None) -> None:
+        """Add a listener: plain (STLS offered when there is a certificate) or implicit TLS
+        (with `context`, for a reload that brings its certificate; else the current one)."""
+        service = self._service
+        loop = asyncio.get_running_loop()
+        context = context or service.ssl_context
+        if not tls:
+            server = await loop.create_server(lambda: _Connection(service, implicit_tls=False), host, port)
+        elif context is None:
+            raise ValueError("pop3 listen_tls needs a TLS certificate (ssl_context)")
+        else:
+            server = await loop.create_server(
+                lambda: _Connection(service, implicit_tls=True), host, port, ssl=_following(service, context),
+                ssl_handshake_timeout=service.settings.tls_handshake_timeout)
+        self._listeners[(host, port, tls)] = server
+
+    def stop_listening(self, host: str, port: int, *, tls: bool) -> None:
+        """Close one listener; its sessions go on to their end."""
+        server = self._listeners.pop((host, port, tls), None)
+        if server is not None:
+            server.close()
+
+    def configure(self, *, accounts: Mapping[str, Pop3Account], settings: Pop3Settings,
+                  ssl_context: ssl.SSLContext | None, hostname: str) -> None:
+        """A reload: accounts, settings and certificate for logins and handshakes from now on.
+        The login throttle keeps what it counted (a reload must not reset a guessing client);
+        the thread pools keep their size until a restart."""
+        service = self._service
+        service.accounts = {a.address.lower(): a for a in accounts.values()}
+        service.settings, service.ssl_context, service.hostname = settings, ssl_context, hostname
+        service.throttle.set_limits(per_client=settings.max_failures_per_client,
+                                    per_mailbox=settings.max_failures_per_mailbox,
+                                    window=settings.failure_window, max_tracked=settings.max_tracked_failures)
 
     def close(self) -> None:
         """Stop listening and drop every session (a dropped session deletes nothing)."""
-        for server in self.servers:
+        for server in self._listeners.values():
             server.close()
         for connection in list(self._service.connections):
             connection.abort()
 
     async def wait_closed(self) -> None:
-        for server in self.servers:
+        for server in self._listeners.values():
             await server.wait_closed()
         tasks = list(self._service.tasks)
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._service.shutdown()
+
+
+def _following(service: _Service, listener: ssl.SSLContext) -> ssl.SSLContext:
+    """`listener`, for an implicit-TLS listener: each handshake switches to the service's
+    current context, so a certificate replaced by a reload serves the next client (Python
+    calls `sni_callback` for every ClientHello, with or without a server name)."""
+
+    def follow(connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext) -> None:
+        current = service.ssl_context
+        if current is not None and current is not connection.context:
+            connection.context = current
+
+    listener.sni_callback = follow
+    return listener
 
 
 async def start_pop3(*, listen: Sequence[tuple[str, int]], listen_tls: Sequence[tuple[str, int]],
@@ -108,22 +170,17 @@ async def start_pop3(*, listen: Sequence[tuple[str, int]], listen_tls: Sequence[
         accounts={a.address.lower(): a for a in accounts.values()}, settings=settings,
         hostname=hostname, ssl_context=ssl_context, clock=clock, dummy_hash=dummy_hash,
         password_pool=password_pool)
-    plain: list[asyncio.Server] = []
-    tls: list[asyncio.Server] = []
+    server = Pop3Server(service)
     try:
         for host, port in listen:
-            plain.append(await loop.create_server(
-                lambda: _Connection(service, implicit_tls=False), host, port))
+            await server.listen(host, port, tls=False)
         for host, port in listen_tls:
-            tls.append(await loop.create_server(
-                lambda: _Connection(service, implicit_tls=True), host, port, ssl=ssl_context,
-                ssl_handshake_timeout=settings.tls_handshake_timeout))
+            await server.listen(host, port, tls=True)
     except BaseException:
-        for server in plain + tls:
-            server.close()
+        server.close()
         service.shutdown()
         raise
-    return Pop3Server(service, plain, tls)
+    return server
 
 
 class _Service:

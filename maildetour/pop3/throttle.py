@@ -37,6 +37,11 @@ class LoginThrottle:
         self._max_tracked = max_tracked
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
 
+    def set_limits(self, *, per_client: int, per_mailbox: int, window: float, max_tracked: int) -> None:
+        """New limits (a reload); the failures counted so far stay."""
+        self._per_client, self._per_mailbox, self._window = per_client, per_mailbox, window
+        self._max_tracked = max_tracked
+
     def blocked(self, client: str, mailbox: str, now: float) -> bool:
         """True when either the client or the mailbox has used up its failures in the window."""
         client_part, mailbox_part = self._keys(client, mailbox)

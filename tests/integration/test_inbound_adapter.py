@@ -96,7 +96,7 @@ def test_library_replies_get_enhanced_status_codes() -> None:
 
 
 def test_the_redactor_is_built_from_every_forward_target(tmp_path: Path) -> None:
-    from maildetour.app import private_addresses
+    from maildetour.wiring import private_addresses
 
     private = private_addresses(seed_config(tmp_path))
     assert {"ituki-ex@gmail.com", "ituki@pc.example.net", "ituki@gm.example.net"} <= private

@@ -126,3 +126,6 @@ def test_the_server_log_has_one_line_per_delivery_attempt(tmp_path: Path) -> Non
     assert f"to=ituki-ex@gmail.com" in detoured and f"relay=[{gmail.host}]:{gmail.port}" in detoured
     assert "dsn=5.7.0" in detoured and "next=ituki@gm.example.net" in detoured and 'reply="552 5.7.0 virus"' in detoured
     assert any(": sent " in line and "to=ituki@gm.example.net" in line and "relay=local" in line for line in lines)
+    accepted = next(line for line in lines if ": accepted " in line)  # one line per accepted message
+    assert "from=<alice@sender.example>" in accepted and "nrcpt=1" in accepted
+    assert 'client="client.test [127.0.0.1]"' in accepted and " size=" in accepted
