@@ -11,14 +11,16 @@ a `Decision`. Every outcome carries the same four facts (as maddy's SMTPError do
           `core.classify`) or our own diagnosis. Operator-facing only (trace, audit log, server
           log): it may name a forward target or a hidden address.
 and, for the server log, `relay`: where the agent delivered or tried (name[address]:port, an
-IMAP account, "local"), "" when it never got that far.
+IMAP account, "local"), "" when it never got that far; `connect`: seconds the attempt spent
+before it could send (DNS, connecting, greeting, TLS, login; 0 on a reused connection), the
+rest of the attempt being the transfer (Postfix's delays=.../c/d).
 Exposure: internal. Constructors take the reason first; the defaults of the other fields are
 the generic values of each kind (agents that know better set them).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +32,7 @@ class Delivered:
     status: str = "2.0.0"
     public: str = "delivered"
     relay: str = ""
+    connect: float = field(default=0.0, compare=False)  # a measurement, not part of what happened
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +47,7 @@ class TemporaryFailure:
     public: str = "temporarily not accepted by the receiving system"
     slow_down: bool = False
     relay: str = ""
+    connect: float = field(default=0.0, compare=False)  # a measurement, not part of what happened
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +61,7 @@ class PermanentFailure:
     public: str = "refused by the receiving system"
     alert: bool = False
     relay: str = ""
+    connect: float = field(default=0.0, compare=False)  # a measurement, not part of what happened
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +73,7 @@ class Unreachable:
     status: str = "4.4.1"
     public: str = "no mail host could be reached"
     relay: str = ""
+    connect: float = field(default=0.0, compare=False)  # a measurement, not part of what happened
 
 
 Outcome = Delivered | TemporaryFailure | PermanentFailure | Unreachable

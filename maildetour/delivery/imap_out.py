@@ -52,6 +52,7 @@ import asyncio
 import dataclasses
 import re
 import ssl
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Mapping
@@ -188,21 +189,25 @@ class ImapAgent:
         if pool is None:
             return PermanentFailure(f"{target}: no such IMAP account configured", 550, "5.3.5",
                                     "the mailbox is not configured", alert=True)
+        started = time.monotonic()  # `connect`: waiting for a slot, connecting, logging in
         async with pool.slots:
             connection = pool.take()
             if connection is not None:
+                connect = time.monotonic() - started
                 outcome = await self._append(pool, connection, job)
                 if outcome is not None:
-                    return outcome
+                    return dataclasses.replace(outcome, connect=connect)
                 # The server had closed the idle connection: once more, on a fresh one.
             opened = await self._open(pool)
+            connect = time.monotonic() - started
             if not isinstance(opened, Connection):
-                return opened
+                return dataclasses.replace(opened, connect=connect)
             outcome = await self._append(pool, opened, job)
             if outcome is not None:
-                return outcome
+                return dataclasses.replace(outcome, connect=connect)
             return TemporaryFailure(f"{opened.place}: the server closed the connection before "
-                                    "it asked for the message (append)", 451, "4.4.2", PUBLIC_LOST)
+                                    "it asked for the message (append)", 451, "4.4.2", PUBLIC_LOST,
+                                    connect=connect)
 
     async def _open(self, pool: _AccountPool) -> Connection | Outcome:
         if pool.context is None:

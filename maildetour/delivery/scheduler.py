@@ -384,7 +384,9 @@ def _log_delivery(copy: Copy, outcome: Outcome, decision: Decision, now: float, 
     """One line per attempt's outcome, like Postfix's "status=sent" lines."""
     fields = {"queue_id": copy.queue_id, "copy": copy.id, "to": copy.target, "orig_to": copy.recipient,
               "relay": outcome.relay or "none", "delay": round(now - copy.received_at, 3),
-              "attempt_time": round(took, 3), "attempt": copy.attempts + 1, "dsn": outcome.status,
+              "attempt_time": round(took, 3), "connect_time": round(outcome.connect, 3),
+              "transfer_time": round(max(took - outcome.connect, 0.0), 3), "attempt": copy.attempts + 1,
+              "dsn": outcome.status,
               "status": _STATUS[type(decision)]}
     if isinstance(decision, Detour):
         fields["next"] = decision.to

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import ssl
+import time
 from typing import Mapping
 
 from aiosmtplib import SMTP, SMTPResponse
@@ -77,6 +78,7 @@ class SmtpAgent:
         return target.rpartition("@")[2].lower() + self._policies.key(target)
 
     async def deliver(self, job: Job) -> Mapping[str, Outcome]:
+        started = time.monotonic()
         results: dict[str, Outcome] = {}
         for rcpt in job.recipients:
             if "@" not in rcpt or _WIRE_UNSAFE.search(rcpt):
@@ -115,29 +117,33 @@ class SmtpAgent:
                                                  "no secure connection to the receiving system")
                         results.update((r, later) for r in part.recipients)
                         continue
-                    await self._via(allowed, part, results, policy.mode)
+                    await self._via(allowed, part, results, policy.mode, started)
         return {r: results[r] for r in job.recipients}
 
     async def close(self) -> None:
         await self._pool.close()
 
     async def _via(self, hosts: tuple[HostPort, ...], job: Job, results: dict[str, Outcome],
-                   mode: TlsMode) -> None:
+                   mode: TlsMode, started: float) -> None:
         """Try `hosts` in order until one greets us (with TLS as `mode` asks); run the
-        transaction there."""
+        transaction there. Outcomes say where (`relay`) and how long it took to get there
+        (`connect`, from `started`)."""
         failures: list[Outcome] = []
         for hop in hosts:
             async with self._pool.slot(hop, mode) as lease:
                 match await lease.checkout():
                     case Session() as session:
+                        connect = time.monotonic() - started
                         await self._run(lease, session, job, results)
                         relay = where(session.hop)
-                        results.update((r, dataclasses.replace(results[r], relay=relay))
-                                       for r in job.recipients if not results[r].relay)
+                        for r in job.recipients:
+                            results[r] = dataclasses.replace(results[r], relay=results[r].relay or relay,
+                                                             connect=connect)
                         return
                     case failure:
                         failures.append(failure)
-        outcome = dataclasses.replace(_combine(failures), relay=where(hosts[-1]))
+        outcome = dataclasses.replace(_combine(failures), relay=where(hosts[-1]),
+                                      connect=time.monotonic() - started)
         results.update((r, outcome) for r in job.recipients if r not in results)
 
     async def _run(self, lease: Lease, session: Session, job: Job,

@@ -125,6 +125,9 @@ def test_the_server_log_has_one_line_per_delivery_attempt(tmp_path: Path) -> Non
     detoured = next(line for line in lines if ": detoured " in line)
     assert f"to=ituki-ex@gmail.com" in detoured and f"relay=[{gmail.host}]:{gmail.port}" in detoured
     assert "dsn=5.7.0" in detoured and "next=ituki@gm.example.net" in detoured and 'reply="552 5.7.0 virus"' in detoured
+    times = dict(pair.split("=") for pair in detoured.split() if pair.split("=")[0].endswith("_time"))
+    assert float(times["connect_time"]) >= 0 and float(times["transfer_time"]) >= 0
+    assert abs(float(times["connect_time"]) + float(times["transfer_time"]) - float(times["attempt_time"])) < 0.0015
     assert any(": sent " in line and "to=ituki@gm.example.net" in line and "relay=local" in line for line in lines)
     accepted = next(line for line in lines if ": accepted " in line)  # one line per accepted message
     assert "from=<alice@sender.example>" in accepted and "nrcpt=1" in accepted
