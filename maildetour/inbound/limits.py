@@ -27,20 +27,6 @@ from maildetour.core.replies import Reply
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def client_key(host: str) -> str:
-    """The unit we limit: an IPv4 address, or the /64 of an IPv6 address (one host usually owns
-    a whole /64). IPv4-mapped IPv6 addresses count as IPv4. Anything else: verbatim."""
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
-    return str(ip)
-
-
 def is_listed(host: str, networks: tuple[Network, ...]) -> bool:
     """Whether `host` (an address as the socket reports it) lies in one of `networks`."""
     try:

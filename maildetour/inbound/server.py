@@ -31,7 +31,8 @@ from maildetour.core import replies
 from maildetour.core.address import SOURCE_ROUTE, raw_path_problem
 from maildetour.core.replies import Reply
 from maildetour.inbound.handler import Handler
-from maildetour.inbound.limits import Clients, client_key, default_limits, sender_domain
+from maildetour.core.client_key import client_key
+from maildetour.inbound.limits import Clients, default_limits, sender_domain
 
 log = logging.getLogger("maildetour.inbound")
 

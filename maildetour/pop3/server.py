@@ -41,7 +41,8 @@ from maildetour.pop3.events import (
     CheckLogin, Close, Effect, Expunge, LoginAccepted, LoginInUse, LoginRefused, LoginResult,
     LoginUnavailable, Pop3Message, Send, SendMessage, StartTls)
 from maildetour.pop3.protocol import MESSAGE_GONE, TOO_MANY_CONNECTIONS, Pop3Session, State
-from maildetour.pop3.throttle import LoginThrottle, client_key
+from maildetour.core.client_key import client_key
+from maildetour.pop3.throttle import LoginThrottle
 from maildetour.pop3.wire import MessageEncoder
 
 log = logging.getLogger(__name__)

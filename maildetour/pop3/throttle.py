@@ -13,9 +13,10 @@ not, so a throttled answer never tells whether a mailbox exists. Fails never.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+
+from maildetour.core.client_key import client_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,17 +94,3 @@ class LoginThrottle:
             del self._failures[key]
             return 0
         return len(times)
-
-
-def client_key(address: str) -> str:
-    """The unit we throttle: an IPv4 address, or the /64 of an IPv6 address (one host usually
-    owns a whole /64). IPv4-mapped IPv6 addresses count as IPv4. Anything else: verbatim."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return str(ip)

@@ -15,7 +15,8 @@ from maildetour.config.reader import ConfigError
 from maildetour.core import replies
 from maildetour.core.address import raw_path_problem
 from maildetour.inbound.handler import storage_reply
-from maildetour.inbound.limits import Buckets, Clients, client_key, default_limits, is_listed, sender_domain
+from maildetour.core.client_key import client_key
+from maildetour.inbound.limits import Buckets, Clients, default_limits, is_listed, sender_domain
 
 
 def test_a_client_is_an_ipv4_address_or_an_ipv6_slash_64() -> None:

@@ -12,7 +12,8 @@ from maildetour.pop3.events import (
     LoginUnavailable, Pop3Message, Send, SendMessage, StartTls)
 from maildetour.pop3.protocol import Pop3Session, State
 from maildetour.config.model import Pop3Settings
-from maildetour.pop3.throttle import LoginThrottle, client_key
+from maildetour.core.client_key import client_key
+from maildetour.pop3.throttle import LoginThrottle
 from maildetour.pop3.wire import MessageEncoder
 
 MESSAGES = (Pop3Message("uid-a", 100), Pop3Message("uid-b", 250), Pop3Message("uid-c", 7))
