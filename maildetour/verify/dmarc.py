@@ -114,6 +114,8 @@ def read_authors(data: bytes) -> list[Author] | DmarcVerdict:
             domain = ""  # a domain literal or junk: no DNS name to look up
         if domain not in domains:
             domains.append(domain)
+    if not domains and any("@" in value for value in values):
+        domains.append("")  # an address getaddresses would not read (older Pythons: a domain literal)
     if not domains:
         return DmarcVerdict("permerror", "", reason="no From domain")
     if len(domains) > MAX_AUTHORS:

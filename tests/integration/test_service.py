@@ -24,7 +24,7 @@ def _directives(text: str) -> dict[str, str]:
 
 def test_the_unit_asks_for_what_the_issue_names() -> None:
     unit = _directives(UNIT.read_text())
-    assert unit["Type"] == "notify" and unit["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert unit["Type"] == "notify" and unit["ExecReload"].startswith("/opt/maildetour/bin/maildetour reload ")
     assert unit["User"] == "maildetour" and unit["AmbientCapabilities"] == "CAP_NET_BIND_SERVICE"
     assert unit["ProtectSystem"] == "strict" and unit["ReadWritePaths"] == "/var/lib/maildetour"
     assert unit["NoNewPrivileges"] == "yes" and unit["PrivateTmp"] == "yes"
