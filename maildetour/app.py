@@ -7,6 +7,9 @@ parts in one TaskGroup on one event loop until SIGTERM/SIGINT (or `stop()`). SIG
 (`App.reload`: a new Wiring, listeners added and closed to match, old agents closed once their
 attempts end), SIGUSR1 flushes the queue, SIGUSR2 reads it again (`maildetour queue`). systemd
 hears READY/RELOADING/STOPPING (`notify`). Config, clock and resolvers are passed in; no globals.
+One `metrics.Metrics` per process (a reload keeps its counts); with `[metrics] listen`, the
+endpoint (`metrics_endpoint`) serves it and /healthz, /readyz once the listeners are bound, and
+moves only when a reload changes `metrics.listen` (the new one bound before the old closes).
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ from typing import Any, Awaitable, Callable
 
 from maildetour.config import ConfigError, load_config
 from maildetour.config.model import Config
+from maildetour.core.hostport import HostPort
 from maildetour.delivery.base import Agent
 from maildetour.delivery.bounces import DsnWriter, LateBounces
 from maildetour.delivery.scheduler import Scheduler
 from maildetour.inbound.handler import Handler
 from maildetour.inbound.server import SessionFactory
 from maildetour.listeners import Listeners
+from maildetour.metrics import Metrics
+from maildetour.metrics_endpoint import MetricsEndpoint, start_endpoint
 from maildetour.notify import notify, reloading
 from maildetour.statelock import hold_state_dir
 from maildetour.store.sqlite import SqliteStore
@@ -47,6 +53,7 @@ class Parts:
     scheduler: Scheduler
     late_bounces: LateBounces
     sessions: SessionFactory
+    metrics: Metrics
 
     def configure(self, wiring: Wiring) -> Awaitable[object]:
         """Switch to `wiring` for new sessions and new attempts (a reload); returns what to
@@ -65,6 +72,7 @@ class Parts:
         self.late_bounces.hostname = config.server.hostname
         self.late_bounces.keep_for = delivery.late_bounce_window
         self.late_bounces.purge_interval = delivery.purge_interval
+        self.metrics.configure(config.destinations)
         self.wiring = wiring
         return waiting
 
@@ -84,25 +92,28 @@ def _session_settings(wiring: Wiring) -> dict[str, Any]:
 def build(config: Config, clock: Callable[[], float]) -> Parts:
     wiring = wire(config, clock)
     delivery = config.delivery
+    metrics = Metrics(config.destinations)
     store = SqliteStore(config.queue_db, config.spool_dir, config.audit_log,
                         cache_bytes=delivery.message_cache, cache_seconds=delivery.message_cache_seconds)
     store.recover()
     scheduler = Scheduler(store=store, table=wiring.table, agents=wiring.agents, retry=delivery.retry,
                           max_parallel=delivery.max_parallel_attempts, dsn=_dsn(wiring, store), clock=clock,
                           rate_delay=delivery.destination_rate_delay, max_bytes=delivery.max_bytes_in_flight,
-                          keep_for=delivery.late_bounce_window if wiring.srs is not None else None)
+                          keep_for=delivery.late_bounce_window if wiring.srs is not None else None,
+                          metrics=metrics)
+    metrics.watch_queue(scheduler.queue_depth, scheduler.oldest_age)
     # Through the scheduler's table, so a reload's routing counts here too.
     late_bounces = LateBounces(store=store, hostname=config.server.hostname, report=scheduler.report,
                                left_by_smtp=lambda target: scheduler.table.kind(target) == "smtp",
                                keep_for=delivery.late_bounce_window, purge_interval=delivery.purge_interval,
-                               clock=clock)
+                               clock=clock, metrics=metrics)
     handler = Handler(
         table=wiring.table, store=store, hostname=config.server.hostname, limits=wiring.limits,
         on_accepted=scheduler.submit, clock=clock, checks=wiring.checks,
-        srs=wiring.srs, on_late_bounce=late_bounces.receive, authserv_id=wiring.authserv_id,
+        srs=wiring.srs, on_late_bounce=late_bounces.receive, authserv_id=wiring.authserv_id, metrics=metrics,
     )
-    sessions = SessionFactory(handler, **_session_settings(wiring))
-    return Parts(wiring, store, scheduler, late_bounces, sessions)
+    sessions = SessionFactory(handler, **_session_settings(wiring), metrics=metrics)
+    return Parts(wiring, store, scheduler, late_bounces, sessions, metrics)
 
 
 # Settings read once at start: a reload that changes them says so, and they wait for a restart.
@@ -125,6 +136,7 @@ class App:
     _parts: Parts | None = None
     _listeners: Listeners | None = None
     _tasks: asyncio.TaskGroup | None = None
+    _endpoint: MetricsEndpoint | None = None  # [metrics] listen
 
     def stop(self) -> None:
         self._stop.set()
@@ -137,12 +149,17 @@ class App:
 
     async def _serve(self) -> None:
         parts = self._parts = build(self.config, self.clock)
-        listeners = self._listeners = Listeners(parts.sessions)
+        listeners = self._listeners = Listeners(parts.sessions, parts.metrics)
         pid_file = self.config.server.state_dir / PID_FILE
         try:
             # Listen first, outside the TaskGroup: a port in use is a one-line error, not a
             # traceback. Sessions that arrive before the writer runs simply wait for it.
             listeners.commit(await listeners.change(self.config, parts.wiring))
+            try:
+                self._endpoint = await self._start_endpoint(self.config.metrics.listen)
+            except BaseException:
+                await listeners.close()
+                raise
             async with asyncio.TaskGroup() as tasks:
                 self._tasks = tasks
                 background = [tasks.create_task(parts.store.run()), tasks.create_task(parts.scheduler.run())]
@@ -163,6 +180,8 @@ class App:
                     task.cancel()
         finally:
             self._tasks = None
+            if self._endpoint is not None:
+                self._endpoint.close()
             pid_file.unlink(missing_ok=True)
             await asyncio.gather(*(agent.close() for agent in parts.wiring.agents.values()))
             parts.store.close()
@@ -186,6 +205,12 @@ class App:
                 wiring = wire(config, self.clock)
                 try:
                     change = await listeners.change(config, wiring)
+                    try:
+                        endpoint = self._endpoint if config.metrics.listen == self.config.metrics.listen \
+                            else await self._start_endpoint(config.metrics.listen)
+                    except BaseException:
+                        await listeners.roll_back(change)
+                        raise
                 except BaseException:
                     await asyncio.gather(*(agent.close() for agent in wiring.agents.values()))
                     raise
@@ -202,6 +227,10 @@ class App:
                 listeners.pop3.configure(accounts=wiring.pop3_accounts, settings=config.pop3.settings,
                                          ssl_context=wiring.pop3_tls, hostname=config.server.hostname)
             listeners.commit(change)
+            if endpoint is not self._endpoint:
+                if self._endpoint is not None:
+                    self._endpoint.close()
+                self._endpoint = endpoint
             self.config = config
             self.reloads += 1
             if self._tasks is not None:
@@ -209,6 +238,27 @@ class App:
             log.info("config reloaded from %s: %s", config.path, listeners.describe())
             notify("READY=1", f"STATUS=serving {listeners.describe()}")
             return True
+
+    async def _start_endpoint(self, where: HostPort | None) -> MetricsEndpoint | None:
+        """The metrics endpoint on `where` (None: none). A bind failure is a ConfigError."""
+        if where is None or self._parts is None:
+            return None
+        try:
+            endpoint = await start_endpoint(self._parts.metrics, self._unready, where.host, where.port)
+        except OSError as exc:
+            raise ConfigError("metrics.listen", f"cannot listen on {where}: {exc.strerror or exc}") from None
+        log.info("metrics on http://%s/metrics", where)
+        return endpoint
+
+    def _unready(self) -> str | None:
+        """Why /readyz answers 503: starting or stopping, a store that cannot write, or a
+        configured listener that is not bound. None: ready."""
+        parts, listeners = self._parts, self._listeners
+        if parts is None or listeners is None or not self.ready.is_set():
+            return "starting"
+        if self._stop.is_set():
+            return "stopping"
+        return parts.store.health() or _unbound(self.config, listeners)
 
     def _handle_signals(self, scheduler: Scheduler) -> None:
         loop = asyncio.get_running_loop()
@@ -223,6 +273,23 @@ class App:
     def _reload_soon(self) -> None:
         if self._tasks is not None:
             self._tasks.create_task(self.reload())
+
+
+def _unbound(config: Config, listeners: Listeners) -> str | None:
+    """The first listener `config` names that is not serving, if any."""
+    for hp in config.smtp.listen:
+        server = listeners.smtp.get(hp)
+        if server is None or not server.is_serving():
+            return f"smtp.listen {hp} is not bound"
+    pop3 = listeners.pop3
+    wanted = [("pop3.listen", hp, False) for hp in config.pop3.listen]
+    wanted += [("pop3.listen_tls", hp, True) for hp in config.pop3.listen_tls]
+    for key, hp, tls in wanted:
+        if pop3 is None or (hp.host, hp.port, tls) not in pop3.listening:
+            return f"{key} {hp} is not bound"
+    if pop3 is not None and not all(server.is_serving() for server in pop3.servers):
+        return "a pop3 listener is not serving"
+    return None
 
 
 async def _close_after(in_flight: Awaitable[object], agents: list[Agent]) -> None:

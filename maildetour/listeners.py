@@ -18,6 +18,7 @@ from maildetour.config import ConfigError
 from maildetour.config.model import Config
 from maildetour.core.hostport import HostPort
 from maildetour.inbound.server import SessionFactory, start_smtp
+from maildetour.metrics import Metrics
 from maildetour.pop3.server import Pop3Server, start_pop3
 from maildetour.wiring import Wiring
 
@@ -43,8 +44,8 @@ class Change:
 
 
 class Listeners:
-    def __init__(self, sessions: SessionFactory) -> None:
-        self.sessions = sessions
+    def __init__(self, sessions: SessionFactory, metrics: Metrics | None = None) -> None:
+        self.sessions, self.metrics = sessions, metrics
         self.smtp: dict[HostPort, asyncio.Server] = {}
         self.pop3: Pop3Server | None = None
 
@@ -63,6 +64,7 @@ class Listeners:
                 pop3 = made.pop3_started = await start_pop3(
                     listen=[], listen_tls=[], accounts=wiring.pop3_accounts, ssl_context=wiring.pop3_tls,
                     settings=config.pop3.settings, hostname=config.server.hostname)
+                pop3.count_logins(self.metrics)
             if pop3 is not None:
                 for key, hp in wanted.items():
                     if key not in pop3.listening:

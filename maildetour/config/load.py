@@ -16,15 +16,16 @@ from maildetour.config.model import (
     IMAP_CONNECTIONS,
     IMAP_PORTS,
     IMAP_TIMEOUT,
-    TLS_MODES,
     SRS_HASH_LENGTH,
     SRS_SECRET_NAME,
+    TLS_MODES,
     ChecksConfig,
     Config,
     DeliveryConfig,
     Forward,
     ImapAccount,
     Mailbox,
+    MetricsConfig,
     Pop3Config,
     Pop3Settings,
     ServerConfig,
@@ -41,7 +42,13 @@ from maildetour.config.reader import (
     parse_size,
 )
 from maildetour.core.address import Address, AddressError, check_domain, parse_address
-from maildetour.core.destinations import IMAP_PREFIX, SKIP_CONDITIONS, Destination, detour_chain, is_imap
+from maildetour.core.destinations import (
+    IMAP_PREFIX,
+    SKIP_CONDITIONS,
+    Destination,
+    detour_chain,
+    is_imap,
+)
 from maildetour.core.hostport import HostPort
 from maildetour.core.routing import Accept, route
 
@@ -71,9 +78,10 @@ def build_config(raw: dict[str, Any], path: Path) -> Config:
     checks = _checks(top.sub_table("checks"), server.hostname, signing is not None)
     srs = _srs(top.sub_table("srs"), base, server, smtp, mailboxes, signing, signing_secret)
     imap = _imap(top.sub_table("imap"), base)
+    metrics = _metrics(top.sub_table("metrics"))
     top.finish()
     config = Config(path, server, smtp, pop3, delivery, mailboxes, forwards, destinations, signing, checks,
-                    srs, imap)
+                    srs, imap, metrics)
     _cross_check(config)
     return config
 
@@ -212,6 +220,13 @@ def _pop3(t: Table, base: Path) -> Pop3Config:
         tls_key=key,
         settings=Pop3Settings(allow_insecure_login=t.get("allow_plaintext", bool, False)),
     )
+    t.finish()
+    return config
+
+
+def _metrics(t: Table) -> MetricsConfig:
+    """`[metrics] listen = "host:port"`: one endpoint, or none at all when not given."""
+    config = MetricsConfig(listen=t.convert("listen", parse_hostport, None))
     t.finish()
     return config
 

@@ -310,6 +310,14 @@ class ChecksConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    # The Prometheus/OpenMetrics endpoint (/metrics, /healthz, /readyz). None: no endpoint at
+    # all; what it shows is operator-facing (queue ages, destination names), so it is off
+    # unless configured, and meant for loopback or a private network.
+    listen: HostPort | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path
     server: ServerConfig
@@ -323,6 +331,7 @@ class Config:
     checks: ChecksConfig = ChecksConfig()
     srs: SrsConfig | None = None  # None only when there is no domain at all to use
     imap: dict[str, ImapAccount] = field(default_factory=dict)
+    metrics: MetricsConfig = MetricsConfig()
 
     @property
     def spool_dir(self) -> Path:

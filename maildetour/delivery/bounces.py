@@ -27,6 +27,7 @@ from maildetour.core.dsn import build_dsn, failure
 from maildetour.core.outcome import Outcome, PermanentFailure
 from maildetour.core.received import find_message_id
 from maildetour.core.redact import Redactor
+from maildetour.metrics import Metrics
 from maildetour.store.base import Store
 from maildetour.store.records import Copy, Event, Message, NewCopy, new_queue_id
 
@@ -55,10 +56,12 @@ class DsnWriter:
 
 class LateBounces:
     def __init__(self, *, store: Store, hostname: str, report: Report, left_by_smtp: Callable[[str], bool],
-                 keep_for: float, purge_interval: float, clock: Callable[[], float]) -> None:
+                 keep_for: float, purge_interval: float, clock: Callable[[], float],
+                 metrics: Metrics | None = None) -> None:
         """`left_by_smtp(target)`: whether copies to `target` leave by SMTP (with our SRS sender);
-        `keep_for`: how long the report's own bytes are kept."""
+        `keep_for`: how long the report's own bytes are kept; `metrics`: where reports are counted."""
         self.store, self.hostname, self.report, self.left_by_smtp = store, hostname, report, left_by_smtp
+        self.metrics = metrics
         self.keep_for, self.purge_interval, self.clock = keep_for, purge_interval, clock
 
     async def receive(self, message: Message, data: bytes, senders: tuple[str, ...]) -> None:
@@ -86,6 +89,8 @@ class LateBounces:
                                 "late bounce matched no copy we delivered and still keep; kept, not forwarded"))
         await self.store.accept(message, data, [], events)
         await self.store.finish(message.queue_id, now + self.keep_for)  # nothing to deliver: purged later
+        if self.metrics is not None:
+            self.metrics.late_bounce(matched=bool(matches))
         for copy, outcome in matches:
             await self.report(copy, outcome)
 

@@ -21,7 +21,13 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Awaitable, Callable, Iterable, Mapping
 
-from maildetour.core.outcome import Delivered, Outcome, PermanentFailure, TemporaryFailure, Unreachable
+from maildetour.core.outcome import (
+    Delivered,
+    Outcome,
+    PermanentFailure,
+    TemporaryFailure,
+    Unreachable,
+)
 from maildetour.core.policy import (
     Attempted,
     Bounce,
@@ -37,6 +43,7 @@ from maildetour.core.policy import (
 from maildetour.core.routing import Kind, RoutingTable
 from maildetour.delivery.base import Agent, Job
 from maildetour.delivery.bounces import DsnWriter
+from maildetour.metrics import Metrics
 from maildetour.store.base import Store
 from maildetour.store.records import Copy, Event, EventKind
 
@@ -56,12 +63,14 @@ class _Throttle:
 class Scheduler:
     def __init__(self, *, store: Store, table: RoutingTable, agents: Mapping[Kind, Agent],
                  retry: RetryRules, max_parallel: int, dsn: DsnWriter, keep_for: float | None,
-                 clock: Callable[[], float], rate_delay: float = 0.0, max_bytes: int = 0) -> None:
+                 clock: Callable[[], float], rate_delay: float = 0.0, max_bytes: int = 0,
+                 metrics: Metrics | None = None) -> None:
         """`keep_for`: how long a finished message's bytes stay for late bounces (None: not
         kept, when nothing can come back to an SRS address of ours). `rate_delay`: least time
         between two deliveries to one destination (0: none). `max_bytes`: message bytes that
-        attempts in flight may hold at once (0: no limit; one attempt always goes)."""
-        self.store, self.table, self.agents, self.dsn = store, table, agents, dsn
+        attempts in flight may hold at once (0: no limit; one attempt always goes). `metrics`:
+        where each attempt's result is counted (None: nowhere)."""
+        self.store, self.table, self.agents, self.dsn, self.metrics = store, table, agents, dsn, metrics
         self.retry, self.max_parallel, self.keep_for, self.clock = retry, max_parallel, keep_for, clock
         self.rate_delay, self.max_bytes = rate_delay, max_bytes
         self._bytes = 0  # message bytes held by attempts in flight
@@ -306,6 +315,9 @@ class Scheduler:
         events = _outcome_events(copy, outcome, now, copy.attempts + 1)
         updated = await self._apply(copy, decision, now, events)
         _log_delivery(copy, outcome, decision, now, took)
+        if self.metrics is not None:
+            self.metrics.settled(_STATUS[type(decision)], copy.target, outcome, latency=now - copy.received_at,
+                                 detours=copy.detours)
         committed = self.store.update(updated, events)
         if updated.state == "queued":
             self._schedule(updated)
@@ -346,9 +358,22 @@ class Scheduler:
 
     async def _quarantine_lost(self, copy: Copy) -> None:
         held = replace(copy, state="quarantined")
+        if self.metrics is not None:
+            self.metrics.settled("quarantined", copy.target)
         await self.store.update(held, [Event(self.clock(), copy.queue_id, copy.id, "quarantined", copy.target,
                                              "message bytes missing from the spool")])
         await self._finish_copy(held)
+
+    # --- what the queue looks like (metrics, at scrape time) ----------------------------------
+    def queue_depth(self) -> int:
+        """Copies queued here: due, waiting to retry, or in an attempt."""
+        return len(self._copies)
+
+    def oldest_age(self) -> float:
+        """Seconds since the oldest queued copy's message was accepted (0: none queued)."""
+        if not self._copies:
+            return 0.0
+        return max(self.clock() - min(c.received_at for c in self._copies.values()), 0.0)
 
     # --- bookkeeping ------------------------------------------------------------------------
     def _schedule(self, copy: Copy) -> None:

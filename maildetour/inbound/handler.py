@@ -23,11 +23,24 @@ import dns.resolver
 from maildetour.core import replies
 from maildetour.core.address import AddressError, parse_address
 from maildetour.core.authres import strip_our_results
-from maildetour.core.received import count_received, find_message_id, has_bare_cr_or_lf, received_header
+from maildetour.core.received import (
+    count_received,
+    find_message_id,
+    has_bare_cr_or_lf,
+    received_header,
+)
 from maildetour.core.routing import Accept, RoutingTable, route
+from maildetour.metrics import Metrics
 from maildetour.sign.srs import SrsCodec, SrsError, is_srs
 from maildetour.store.base import Store
-from maildetour.store.records import Copy, CopyState, Event, Message, NewCopy, new_queue_id
+from maildetour.store.records import (
+    Copy,
+    CopyState,
+    Event,
+    Message,
+    NewCopy,
+    new_queue_id,
+)
 from maildetour.verify.verdicts import check
 
 log = logging.getLogger("maildetour.inbound")
@@ -83,9 +96,10 @@ class Handler:
     def __init__(self, *, table: RoutingTable, store: Store, hostname: str, limits: InboundLimits,
                  on_accepted: Callable[[list[Copy]], None], clock: Callable[[], float],
                  checks: Checks | None = None, srs: SrsCodec | None = None,
-                 on_late_bounce: LateBounce | None = None, authserv_id: str | None = None) -> None:
+                 on_late_bounce: LateBounce | None = None, authserv_id: str | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.table, self.store, self.hostname, self.limits = table, store, hostname, limits
-        self.on_accepted, self.clock = on_accepted, clock
+        self.on_accepted, self.clock, self.metrics = on_accepted, clock, metrics
         self.checks, self.srs, self.on_late_bounce = checks, srs, on_late_bounce
         self._commits: set[asyncio.Future[Any]] = set()  # in flight, perhaps for a client long gone
         # Incoming Authentication-Results claiming our id are forged: removed when we check or sign.
@@ -98,7 +112,7 @@ class Handler:
         waits for both). Sessions already open keep the handler they started with."""
         new = Handler(table=table, store=self.store, hostname=hostname, limits=limits,
                       on_accepted=self.on_accepted, clock=self.clock, checks=checks, srs=srs,
-                      on_late_bounce=self.on_late_bounce, authserv_id=authserv_id)
+                      on_late_bounce=self.on_late_bounce, authserv_id=authserv_id, metrics=self.metrics)
         new._commits = self._commits
         return new
 
@@ -179,6 +193,7 @@ class Handler:
         full = b"".join((received, checks_header, data))  # one copy of the message, not two
         client = f"{session.host_name} [{client_ip}]"
         message = Message(queue_id, sender, now, find_message_id(data), len(full), client)
+        looped = False
         if envelope.srs_rcpts:
             assert self.on_late_bounce is not None
             work: Awaitable[object] = self.on_late_bounce(message, full, tuple(envelope.srs_rcpts))
@@ -194,6 +209,10 @@ class Handler:
         except (OSError, sqlite3.Error) as error:
             return str(storage_reply(error))
         kind = "late bounce" if envelope.srs_rcpts else "accepted"
+        if self.metrics is not None:
+            self.metrics.accepted(len(envelope.srs_rcpts or routes))
+            for copy in copies if looped else ():  # born quarantined (a loop): never attempted
+                self.metrics.settled("quarantined", copy.target)
         fields = {"queue_id": queue_id, "from": f"<{sender}>", "size": len(full),
                   "nrcpt": len(envelope.srs_rcpts or routes), "client": message.client,
                   "message_id": message.message_id or "none"}

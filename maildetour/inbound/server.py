@@ -29,10 +29,11 @@ from aiosmtpd.smtp import SMTP
 from maildetour.config.model import SmtpConfig
 from maildetour.core import replies
 from maildetour.core.address import SOURCE_ROUTE, raw_path_problem
+from maildetour.core.client_key import client_key
 from maildetour.core.replies import Reply
 from maildetour.inbound.handler import Handler
-from maildetour.core.client_key import client_key
 from maildetour.inbound.limits import Clients, default_limits, sender_domain
+from maildetour.metrics import Metrics
 
 log = logging.getLogger("maildetour.inbound")
 
@@ -65,9 +66,10 @@ class Session(SMTP):
     """One client connection."""
 
     def __init__(self, handler: Handler, *, data_timeout: float, on_close: Callable[[], None],
-                 max_line_length: int, clients: Clients, **kwargs: Any) -> None:
+                 max_line_length: int, clients: Clients, metrics: Metrics | None = None, **kwargs: Any) -> None:
         self.line_length_limit = max_line_length + 3  # CRLF and a transparency dot (RFC 5321 4.5.2)
         super().__init__(handler, **kwargs)
+        self._metrics = metrics  # every refusal we send is counted here, and only here
         self._data_timeout = data_timeout
         self._data_started: float | None = None
         self._held: list[str] = []
@@ -93,6 +95,8 @@ class Session(SMTP):
                 refusal = self._clients.arrive(key, self._started)
                 if refusal is not None:
                     log.warning("refused a connection from %s: %s", host, refusal.text)
+                    if self._metrics is not None:
+                        self._metrics.refused(str(refusal))
                     assert isinstance(transport, asyncio.WriteTransport)
                     transport.write(f"{refusal}\r\n".encode())
                     transport.close()
@@ -167,6 +171,8 @@ class Session(SMTP):
                 return
             if self._command in _PROGRESS:
                 self._observe(status)
+            if self._metrics is not None and status[:1] in ("4", "5"):
+                self._metrics.refused(status)
             if self._held:
                 status = "\r\n".join([*self._held, status])
                 self._held.clear()
@@ -260,8 +266,9 @@ class SessionFactory:
 
     def __init__(self, handler: Handler, *, hostname: str, max_sessions: int, max_message_size: int,
                  command_timeout: float, data_timeout: float, tls: ssl.SSLContext | None,
-                 max_line_length: int, limits: SmtpConfig | None = None) -> None:
+                 max_line_length: int, limits: SmtpConfig | None = None, metrics: Metrics | None = None) -> None:
         self.open = 0
+        self.metrics = metrics
         self.clients = Clients(limits if limits is not None else default_limits(max_sessions))
         self.configure(handler, hostname=hostname, max_sessions=max_sessions, max_message_size=max_message_size,
                        command_timeout=command_timeout, data_timeout=data_timeout, tls=tls,
@@ -286,11 +293,13 @@ class SessionFactory:
     def __call__(self) -> asyncio.Protocol:
         if self.open >= self.max_sessions:
             log.warning("session limit %d reached; answering 421", self.max_sessions)
+            if self.metrics is not None:
+                self.metrics.refused(str(replies.TOO_MANY_SESSIONS))
             return _TooBusy()
         self.open += 1
         return Session(
             self.handler, data_timeout=self.data_timeout, on_close=self._closed,
-            max_line_length=self.max_line_length, clients=self.clients,
+            max_line_length=self.max_line_length, clients=self.clients, metrics=self.metrics,
             hostname=self.hostname, ident="ESMTP", data_size_limit=self.max_message_size,
             enable_SMTPUTF8=True, decode_data=False, tls_context=self.tls,
             timeout=self.command_timeout, loop=asyncio.get_running_loop(),

@@ -34,14 +34,37 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maildetour.config.model import Pop3Settings
+from maildetour.core.client_key import client_key
 from maildetour.core.password import hash_password, verify_password
 from maildetour.mailbox.maildir import (
-    READ_CHUNK, MaildirMessage, list_messages, open_message, remove)
+    READ_CHUNK,
+    MaildirMessage,
+    list_messages,
+    open_message,
+    remove,
+)
+from maildetour.metrics import Metrics
 from maildetour.pop3.events import (
-    CheckLogin, Close, Effect, Expunge, LoginAccepted, LoginInUse, LoginRefused, LoginResult,
-    LoginUnavailable, Pop3Message, Send, SendMessage, StartTls)
-from maildetour.pop3.protocol import MESSAGE_GONE, TOO_MANY_CONNECTIONS, Pop3Session, State
-from maildetour.core.client_key import client_key
+    CheckLogin,
+    Close,
+    Effect,
+    Expunge,
+    LoginAccepted,
+    LoginInUse,
+    LoginRefused,
+    LoginResult,
+    LoginUnavailable,
+    Pop3Message,
+    Send,
+    SendMessage,
+    StartTls,
+)
+from maildetour.pop3.protocol import (
+    MESSAGE_GONE,
+    TOO_MANY_CONNECTIONS,
+    Pop3Session,
+    State,
+)
 from maildetour.pop3.throttle import LoginThrottle
 from maildetour.pop3.wire import MessageEncoder
 
@@ -120,6 +143,10 @@ class Pop3Server:
                                     per_mailbox=settings.max_failures_per_mailbox,
                                     window=settings.failure_window, max_tracked=settings.max_tracked_failures)
 
+    def count_logins(self, metrics: Metrics | None) -> None:
+        """Count login results (ok, failed, throttled, in_use, unavailable) in `metrics` from now on."""
+        self._service.metrics = metrics
+
     def close(self) -> None:
         """Stop listening and drop every session (a dropped session deletes nothing)."""
         for server in self._listeners.values():
@@ -153,7 +180,7 @@ def _following(service: _Service, listener: ssl.SSLContext) -> ssl.SSLContext:
 async def start_pop3(*, listen: Sequence[tuple[str, int]], listen_tls: Sequence[tuple[str, int]],
                      accounts: Mapping[str, Pop3Account], ssl_context: ssl.SSLContext | None,
                      settings: Pop3Settings, hostname: str,
-                     clock: Callable[[], float] = time.monotonic) -> Pop3Server:
+                     clock: Callable[[], float] = time.monotonic, metrics: Metrics | None = None) -> Pop3Server:
     """Listen on every (host, port) of `listen` (plain, STLS offered when `ssl_context` is set)
     and `listen_tls` (implicit TLS, needs `ssl_context`). Port 0 picks a free port; see
     `Pop3Server.addresses`. Account keys are ignored; addresses match case-insensitively."""
@@ -171,6 +198,7 @@ async def start_pop3(*, listen: Sequence[tuple[str, int]], listen_tls: Sequence[
         accounts={a.address.lower(): a for a in accounts.values()}, settings=settings,
         hostname=hostname, ssl_context=ssl_context, clock=clock, dummy_hash=dummy_hash,
         password_pool=password_pool)
+    service.metrics = metrics
     server = Pop3Server(service)
     try:
         for host, port in listen:
@@ -198,6 +226,7 @@ class _Service:
         self.ssl_context = ssl_context
         self.clock = clock
         self.dummy_hash = dummy_hash
+        self.metrics: Metrics | None = None  # where login results are counted
         self.locked: set[str] = set()
         self.connections: set[_Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -412,6 +441,7 @@ class _Connection(asyncio.Protocol):
         reservation = service.throttle.reserve(self._peer, name, service.clock())
         if reservation is None:
             log.warning("pop3 %s: login throttled", self._peer)
+            self._count("throttled")
             await asyncio.sleep(service.settings.failed_login_delay)
             return LoginRefused()
         account = service.accounts.get(name)
@@ -419,10 +449,12 @@ class _Connection(asyncio.Protocol):
             service.password_pool, _password_matches, account, password, service.dummy_hash)
         if account is None or not matches:
             log.info("pop3 %s: login failed", self._peer)
+            self._count("failed")
             await asyncio.sleep(service.settings.failed_login_delay)
             return LoginRefused()
         service.throttle.release(reservation)
         if name in service.locked:
+            self._count("in_use")
             return LoginInUse()
         service.locked.add(name)
         self._lock = name
@@ -432,6 +464,7 @@ class _Connection(asyncio.Protocol):
             log.error("pop3: cannot list mailbox %s: %s", name, error)
             service.locked.discard(name)
             self._lock = None
+            self._count("unavailable")
             return LoginUnavailable()
         self._account = account
         self._listing = _unique(listing)
@@ -439,7 +472,12 @@ class _Connection(asyncio.Protocol):
         if self._deadline is not None:
             self._deadline.reschedule(self._session_end)  # login_timeout no longer applies
         log.info("pop3 %s: %s logged in, %d messages", self._peer, name, len(self._listing))
+        self._count("ok")
         return LoginAccepted(tuple(Pop3Message(m.uid, m.size) for m in self._listing))
+
+    def _count(self, result: str) -> None:
+        if self._service.metrics is not None:
+            self._service.metrics.pop3_login(result)
 
     async def _send_message(self, message: MaildirMessage, first_line: bytes,
                             body_lines: int | None) -> None:

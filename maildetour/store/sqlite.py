@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
@@ -24,7 +26,15 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 from maildetour.durable import make_dirs
 from maildetour.store.audit import AuditLog
 from maildetour.store.cache import BytesCache
-from maildetour.store.records import FINAL_STATES, Copy, CopyState, Event, Message, NewCopy, Story
+from maildetour.store.records import (
+    FINAL_STATES,
+    Copy,
+    CopyState,
+    Event,
+    Message,
+    NewCopy,
+    Story,
+)
 from maildetour.store.spool import Spool
 
 T = TypeVar("T")
@@ -108,6 +118,10 @@ class _Op:
         self.needs_spool_sync, self.events = needs_spool_sync, events
 
 
+# A failed transaction keeps the store "not ready" this long, unless one commits meanwhile: a
+# queue with nothing to write must not stay unready for ever after one failure.
+_FAILURE_SHOWN = 60.0
+
 # States an attempt's update must not overwrite: the operator's hand wins.
 _OPERATOR_STATES = "('held', 'deleted')"
 _FINAL = "(" + ", ".join(f"'{s}'" for s in FINAL_STATES) + ")"
@@ -126,6 +140,9 @@ class SqliteStore:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
         self._pending: list[_Op] = []
         self._wake = asyncio.Event()
+        self._writing = False  # the writer task has started
+        self._dirs = (db_path.parent, spool_dir)  # where writes go: the queue's and the spool's
+        self._failure: tuple[float, str] | None = None  # when and why the last transaction failed
 
     def recover(self) -> None:
         """At the server's start only: half-written spool files of a crashed run, and spool
@@ -139,6 +156,7 @@ class SqliteStore:
     # --- the writer -------------------------------------------------------------------------
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        self._writing = True  # (in the server, a writer that ends ends the server's TaskGroup)
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -153,6 +171,23 @@ class SqliteStore:
                     op.future.set_result(value)
                 else:
                     op.future.set_exception(value)
+
+    def health(self) -> str | None:
+        """None when the store can take writes: its writer runs, the queue's and the spool's
+        directories are writable and have room, and no transaction failed within the last
+        `_FAILURE_SHOWN` seconds (unless one committed since); else why not, in one line
+        (/readyz). Cheap: no query, no write; a few system calls."""
+        if self.readonly or not self._writing:
+            return "the store's writer is not running"
+        failure = self._failure
+        if failure is not None and time.monotonic() - failure[0] < _FAILURE_SHOWN:
+            return f"the store's last write failed: {failure[1]}"
+        for where in self._dirs:
+            if not os.access(where, os.W_OK):
+                return f"{where} is not writable"
+            if os.statvfs(where).f_bavail == 0:
+                return f"no space left in {where}"
+        return None
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[SqliteStore]:
@@ -184,7 +219,9 @@ class SqliteStore:
         except Exception as exc:
             if self._conn.in_transaction:
                 self._conn.execute("ROLLBACK")
+            self._failure = time.monotonic(), f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
             return [(False, exc) for _ in batch]
+        self._failure = None
         try:
             self._log(e for op, (ok, _) in zip(batch, results) if ok for e in op.events)
         except OSError as exc:  # a full disk must not stop the writer: the database has them
