@@ -1,4 +1,5 @@
-"""`python3 -m bench run [--quick] [...]`: the one entry command of the benchmark.
+"""`python3 -m bench run [--quick] [...]`: the one entry command of the benchmark;
+`python3 -m bench reliability [--quick] [...]`: the reliability figures (bench.reliability).
 
 Argument parsing only; the work is in `bench.run`. Prints the tables when done. Exit codes:
 0 ok, 1 a phase failed (its message on stderr), 2 usage. Needs root (Postfix's queue owners)
@@ -16,6 +17,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from bench import reliability
 from bench.run import QUICK, Plan, run
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -35,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--maildetour-src", type=Path,
                    help="run the maildetour package in this directory (e.g. an unpacked `git archive`)")
     p.add_argument("--keep", action="store_true", help="keep the systems' working directories")
+    reliability.add_arguments(sub.add_parser(
+        "reliability", help="load held, faults survived, memory, fuzz counts: reliability.json and .md"))
     return parser
 
 
@@ -46,7 +50,10 @@ async def _cancellable(work: Coroutine[Any, Any, object]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
+    if args.command == "reliability":
+        return reliability.main(args, argv, _cancellable)
     plan = QUICK if args.quick else Plan()
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
     if not systems or any(s not in ("maildetour", "postfix") for s in systems):
