@@ -4,8 +4,9 @@ Pure mapping (no I/O), used by the connection pool (`smtp_pool`) and the transac
 (`smtp_out`). Reasons are our own words plus the place (`name[address]:port`), never
 `str(exc)`: a library's text is not ours to pass on, even to the operator. The order of
 decisions: an SMTP reply -> `classify_reply`; TLS that was wanted and failed, timeouts,
-dropped connections -> temporary; connection refused or no route -> unreachable; any other
-OSError or DNS error -> temporary; anything unknown -> temporary.
+dropped connections, bytes that are not SMTP replies (`smtp_pipeline`) -> temporary;
+connection refused or no route -> unreachable; any other OSError or DNS error -> temporary;
+anything unknown -> temporary.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from aiosmtplib.errors import (
 from maildetour.core.classify import classify_reply
 from maildetour.core.hostport import HostPort
 from maildetour.core.outcome import Outcome, TemporaryFailure, Unreachable
+from maildetour.delivery.smtp_pipeline import MalformedReply
 
 _UNREACHABLE_ERRNOS = frozenset(
     {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL,
@@ -34,6 +36,10 @@ _UNREACHABLE_ERRNOS = frozenset(
 
 class TlsFailed(Exception):
     """STARTTLS was wanted and did not work; the cause is chained."""
+
+
+class Disconnected(Exception):
+    """The connection ended (or was already closed) before the reply we waited for."""
 
 
 def where(hop: HostPort) -> str:
@@ -66,9 +72,12 @@ def outcome_for_error(exc: BaseException, place: str) -> Outcome:
             cause, SMTPServerDisconnected
         ):
             return outcome_for_error(cause, place)
-        case SMTPConnectError() | SMTPServerDisconnected():
+        case SMTPConnectError() | SMTPServerDisconnected() | Disconnected():
             return TemporaryFailure(f"{place}: connection lost", 451, "4.4.2",
                                     "the connection to the receiving system was lost")
+        case MalformedReply():
+            return TemporaryFailure(f"{place}: malformed reply", 451, "4.5.0",
+                                    "unexpected reply from the receiving system")
         case ssl.SSLError() | ssl.CertificateError():
             return TemporaryFailure(f"{place}: TLS error ({type(exc).__name__})", 451, "4.7.5",
                                     "no secure connection to the receiving system")

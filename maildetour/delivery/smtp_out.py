@@ -10,8 +10,11 @@ then MTA-STS, whose `enforce` also limits the MX hosts); next hops from `NextHop
 tried in order until one greets us (connection, greeting, EHLO and STARTTLS are
 `smtp_pool`'s); then one transaction:
 MAIL, one RCPT per recipient (each its own outcome), DATA (its reply applies to every accepted
-recipient). A session reused without RSET that the server closed meanwhile is tried once more
-on a fresh connection.
+recipient) — in one write when the next hop offers PIPELINING (RFC 2920), else one command per
+reply; the rules are `smtp_pipeline`'s (pure), the bytes go through `smtp_exchange` on the
+session's connection. A session reused without RSET that the server closed meanwhile is tried
+once more on a fresh connection (only when no reply at all came, so nothing can have been sent
+twice).
 """
 
 from __future__ import annotations
@@ -22,17 +25,21 @@ import ssl
 import time
 from typing import Mapping
 
-from aiosmtplib import SMTP, SMTPResponse
-from aiosmtplib.errors import SMTPDataError, SMTPServerDisconnected
-
 from maildetour.config.model import DeliveryConfig
 from maildetour.core.classify import classify_reply
 from maildetour.core.hostport import HostPort
 from maildetour.core.mta_sts import mx_matches
-from maildetour.core.outcome import Outcome, PermanentFailure, TemporaryFailure, Unreachable
+from maildetour.core.outcome import (
+    Outcome,
+    PermanentFailure,
+    TemporaryFailure,
+    Unreachable,
+)
 from maildetour.delivery.base import Job
 from maildetour.delivery.nexthop import DnsTemporary, NextHopResolver, NextHops, NoHost
-from maildetour.delivery.smtp_errors import outcome_for_error, where
+from maildetour.delivery.smtp_errors import Disconnected, outcome_for_error, where
+from maildetour.delivery.smtp_exchange import borrow
+from maildetour.delivery.smtp_pipeline import Finished, Send, Stage, Step, Transaction
 from maildetour.delivery.smtp_pool import Lease, Session, SmtpPool
 from maildetour.delivery.tls_policy import TlsMode, TlsPolicies
 
@@ -66,7 +73,7 @@ class SmtpAgent:
     def __init__(self, *, local_hostname: str, nexthop: NextHopResolver, settings: DeliveryConfig,
                  policies: TlsPolicies, verify_context: ssl.SSLContext) -> None:
         self._nexthop, self._policies = nexthop, policies
-        self._data_timeout = settings.data_timeout
+        self._command_timeout, self._data_timeout = settings.command_timeout, settings.data_timeout
         self._pool = SmtpPool(
             local_hostname=local_hostname, verify_context=verify_context,
             connect_timeout=settings.connect_timeout, command_timeout=settings.command_timeout,
@@ -151,7 +158,7 @@ class SmtpAgent:
         reusable = False
         try:
             reusable = await self._transaction(session, job, results)
-        except SMTPServerDisconnected as exc:
+        except Disconnected as exc:
             if session.unchecked and not results:
                 # The server closed the idle session just before we reused it: once more, on a
                 # fresh connection (checked in by the inner call; this one is closed below).
@@ -171,7 +178,8 @@ class SmtpAgent:
             lease.checkin(session, reusable)
 
     async def _transaction(self, session: Session, job: Job, results: dict[str, Outcome]) -> bool:
-        """MAIL, RCPT each, DATA. Fills `results`; returns whether the session can be reused."""
+        """MAIL, RCPT each, DATA (pipelined when offered), the message. Fills `results`; returns
+        whether the session can be reused."""
         smtp = session.smtp
         session.clean = False
         ext = smtp.esmtp_extensions
@@ -194,36 +202,18 @@ class SmtpAgent:
             options.append("BODY=8BITMIME")
         if use_utf8:
             options.append("SMTPUTF8")
-        encoding = "utf-8" if use_utf8 else "ascii"
-        reply = await smtp.execute_command(
-            b"MAIL", b"FROM:<" + job.mail_from.encode(encoding) + b">",
-            *(o.encode("ascii") for o in options))
-        session.unchecked = False
-        if reply.code != 250:
-            outcome = classify_reply(reply.code, reply.message)
-            results.update((r, outcome) for r in job.recipients)
-            return smtp.is_connected
-        accepted: list[str] = []
-        for rcpt in job.recipients:
-            reply = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode(encoding) + b">")
-            if reply.code in (250, 251):
-                accepted.append(rcpt)
-                continue
-            results[rcpt] = classify_reply(reply.code, reply.message)
-            if not smtp.is_connected:  # 421: the server closed; the rest share its reply
-                results.update((r, results[rcpt]) for r in job.recipients if r not in results)
-                return False
-        if not accepted:
-            return smtp.is_connected
-        reply = await self._data(smtp, job.data)
-        session.clean = reply.code != 354
-        outcome = classify_reply(reply.code, reply.message)
-        results.update((r, outcome) for r in accepted)
-        return smtp.is_connected
-
-    async def _data(self, smtp: SMTP, data: bytes) -> SMTPResponse:
-        """DATA and the message; a refusal is a reply like any other, not an error."""
-        try:
-            return await smtp.data(data, timeout=self._data_timeout)
-        except SMTPDataError as refused:  # aiosmtplib raises for a non-2xx/354 reply
-            return SMTPResponse(refused.code, refused.message)
+        transaction = Transaction(job.mail_from, job.recipients, options, data=job.data, utf8=use_utf8,
+                                  pipelining="pipelining" in ext)
+        with borrow(smtp) as exchange:
+            step: Step = transaction.start()
+            while not isinstance(step, Finished):
+                if isinstance(step, Send):
+                    exchange.write(step.data, step.replies)
+                slow = transaction.waiting in (Stage.DATA, Stage.MESSAGE, Stage.EMPTY)
+                reply = await exchange.reply(self._data_timeout if slow else self._command_timeout)
+                session.unchecked = False
+                step = transaction.receive(reply)
+            reusable = exchange.idle and not step.closing
+        session.clean = step.clean
+        results.update((r, classify_reply(answer.code, answer.text)) for r, answer in step.replies.items())
+        return reusable and smtp.is_connected

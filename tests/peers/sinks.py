@@ -3,7 +3,9 @@
 Test-only; listens on a loopback address only. It records every message it accepts and can be
 told to answer like a troubled host: the first N DATA attempts get a 4xx (`temp_failures`),
 a message can be refused at end of DATA (`refuse(data)`), a recipient at RCPT (`rcpt(addr)`),
-DATA replies can be slowed down (`delay`), STARTTLS offered (`tls_context`).
+a sender at MAIL (`mail(addr)`), DATA replies can be slowed down (`delay`), STARTTLS offered
+(`tls_context`), PIPELINING advertised (`pipelining`: aiosmtpd takes pipelined commands either
+way, but advertises PIPELINING only when a handler adds it to EHLO).
 
     with running_sink(temp_failures=2) as sink:
         ... deliver to sink.host:sink.port ...
@@ -109,14 +111,25 @@ class _Handler:
 
     def __init__(self, sink: Sink, *, temp_failures: int, temp_reply: str,
                  refuse: Callable[[bytes], str | None] | None,
-                 rcpt: Callable[[str], str | None] | None, delay: float) -> None:
+                 rcpt: Callable[[str], str | None] | None,
+                 mail: Callable[[str], str | None] | None, delay: float) -> None:
         self._sink = sink
         self._temp_failures = temp_failures
         self._temp_reply = temp_reply
         self._refuse = refuse
         self._rcpt = rcpt
+        self._mail = mail
         self._delay = delay
         self._counted: weakref.WeakSet[Envelope] = weakref.WeakSet()
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        reply = self._mail(address) if self._mail is not None else None
+        if reply:
+            return reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
@@ -149,6 +162,15 @@ class _Handler:
             tls=session.ssl is not None,
         ))
         return "250 2.0.0 OK queued"
+
+
+class _PipeliningHandler(_Handler):
+    """The same, advertising PIPELINING in EHLO."""
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname  # aiosmtpd leaves this to a handle_EHLO hook
+        return responses[:1] + ["250-PIPELINING"] + responses[1:]
 
 
 class _Thread:
@@ -197,17 +219,21 @@ def running_sink(
     temp_reply: str = "451 4.3.0 try again later",
     refuse: Callable[[bytes], str | None] | None = None,
     rcpt: Callable[[str], str | None] | None = None,
+    mail: Callable[[str], str | None] | None = None,
     delay: float = 0.0,
     tls_context: ssl.SSLContext | None = None,
     smtp_options: dict[str, Any] | None = None,
+    pipelining: bool = False,
 ) -> Iterator[Sink]:
     """Run a capture sink on `host` (a loopback address); port None picks a free one.
 
-    `delay` seconds pass before each DATA reply; `tls_context` makes the sink offer STARTTLS;
-    `smtp_options` go to aiosmtpd's SMTP (e.g. {"data_size_limit": 1000})."""
+    `rcpt`/`mail`: address -> a refusal reply, or None to accept; `delay` seconds pass before
+    each DATA reply; `tls_context` makes the sink offer STARTTLS; `pipelining` makes it
+    advertise PIPELINING; `smtp_options` go to aiosmtpd's SMTP (e.g. {"data_size_limit": 1000})."""
     sink = Sink(host)
-    handler = _Handler(sink, temp_failures=temp_failures, temp_reply=temp_reply,
-                       refuse=refuse, rcpt=rcpt, delay=delay)
+    handler = (_PipeliningHandler if pipelining else _Handler)(
+        sink, temp_failures=temp_failures, temp_reply=temp_reply, refuse=refuse, rcpt=rcpt,
+        mail=mail, delay=delay)
     runner = _Thread()
     options: dict[str, Any] = {
         "hostname": SINK_HOSTNAME, "ident": "test sink", "decode_data": False,

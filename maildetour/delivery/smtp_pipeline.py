@@ -1,0 +1,264 @@
+"""One outbound SMTP mail transaction (RFC 5321; RFC 2920 PIPELINING) as a state machine.
+
+Sans-I/O, in h11's style: the server's bytes go into `ReplyParser.feed`, which returns the
+complete replies they finish, in order, however the bytes were split across reads (one reply
+over many reads, many replies in one read); `Transaction` takes those replies one at a time
+and says what happens next: `Send` (bytes to write, and how many replies they ask for),
+`NEED_REPLY` (wait for the next reply), or `Finished` (the reply that decides each recipient's
+copy, and whether the session is clean or closing). `smtp_exchange` carries the bytes and
+`smtp_out` turns the replies into outcomes (`core.classify`).
+
+The rules. With PIPELINING (RFC 2920) MAIL, every RCPT and DATA go in one write, and every
+reply is read in order whatever the ones before said: a refused MAIL decides every recipient
+(the RCPT and DATA replies that follow, 503s, are read and ignored); a refused RCPT decides its
+recipient; the DATA reply, or the reply to the end of the message after a 354, decides the
+accepted ones. A 354 when no recipient was accepted (or MAIL was refused) gets the terminating
+"." alone (RFC 2920 3.1) and its reply is ignored. Without PIPELINING, the same in lock-step:
+one command, one reply; no RCPT after a refused MAIL, no DATA without an accepted recipient.
+A 421 reply (the server is closing the session, RFC 5321 3.8) decides every recipient not yet
+decided, and no further reply is awaited. The message goes only after a 354, with its line
+endings made CRLF and dot-stuffed (RFC 5321 4.5.2), exactly as aiosmtplib's `data` sent it.
+`Finished.clean` is true only after the reply to the end of a message: the server has reset
+its transaction (RFC 5321 4.1.1.4), so the next one needs no RSET.
+
+Pure: no sockets, no asyncio, no clock. Exposure: the replies come from remote (untrusted)
+servers: a reply line is at most MAX_LINE bytes and a reply at most MAX_REPLY, else
+`MalformedReply`; reply text is passed on as received (`core.classify` cleans and caps it).
+Failure: bytes that are not an SMTP reply raise `MalformedReply` (the session is unusable
+after it); a command argument with a control character raises ValueError (a bug: `smtp_out`
+refuses such addresses before a transaction starts).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+# aiosmtplib's limits, kept: generous over any real reply (EHLO's is a few hundred bytes),
+# and they bound memory when a server streams bytes without a line end or endless
+# continuation lines.
+MAX_LINE = 8192
+MAX_REPLY = 4 * MAX_LINE
+
+_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_ACCEPTED_RCPT = (250, 251)
+_CLOSING = 421
+
+
+class MalformedReply(Exception):
+    """The server sent something that is not an SMTP reply (or too much of one)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One complete reply: the last line's code, and the lines' texts joined by newlines."""
+
+    code: int
+    text: str
+
+
+class ReplyParser:
+    """Bytes in, complete replies out, in the order they were sent."""
+
+    __slots__ = ("_buffer", "_lines", "_size")
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()  # bytes of a line not yet ended
+        self._lines: list[bytes] = []  # texts of the current reply's finished lines
+        self._size = 0  # bytes of the current reply so far
+
+    @property
+    def pending(self) -> bool:
+        """Part of a reply has arrived and the rest has not."""
+        return bool(self._buffer or self._lines)
+
+    def feed(self, data: bytes) -> list[Reply]:
+        """The replies `data` completes (none, one or several). Raises `MalformedReply`."""
+        self._buffer += data
+        replies: list[Reply] = []
+        start = 0
+        while (end := self._buffer.find(b"\n", start)) >= 0:
+            reply = self._line(bytes(self._buffer[start:end + 1]))
+            if reply is not None:
+                replies.append(reply)
+            start = end + 1
+        del self._buffer[:start]
+        if len(self._buffer) > MAX_LINE or self._size + len(self._buffer) > MAX_REPLY:
+            raise MalformedReply("reply too long")
+        return replies
+
+    def _line(self, line: bytes) -> Reply | None:
+        self._size += len(line)
+        if len(line) > MAX_LINE or self._size > MAX_REPLY:
+            raise MalformedReply("reply too long")
+        if not line[:3].isdigit():
+            raise MalformedReply("reply line without a reply code")
+        self._lines.append(line[4:].strip(b" \t\r\n"))
+        if line[3:4] == b"-":
+            return None
+        text = b"\n".join(self._lines).decode("utf-8", "surrogateescape")
+        self._lines, self._size = [], 0
+        return Reply(int(line[:3]), text)
+
+
+def command(*words: bytes) -> bytes:
+    """One command line. Raises ValueError for a control character (a bug upstream)."""
+    for word in words:
+        if _CONTROL.search(word):
+            raise ValueError("SMTP command argument contains a control character")
+    return b" ".join(words) + b"\r\n"
+
+
+def message_bytes(data: bytes) -> bytes:
+    """What follows a 354: the message with CRLF line endings (and a final one), every line
+    that starts with "." given another (RFC 5321 4.5.2), and the terminating ".\\r\\n"."""
+    data = _LINE_ENDINGS.sub(b"\r\n", data)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return _LEADING_DOT.sub(b"..", data) + b".\r\n"
+
+
+class Stage(enum.Enum):
+    """What a reply answers."""
+
+    MAIL = "MAIL"
+    RCPT = "RCPT"
+    DATA = "DATA"
+    MESSAGE = "end of message"
+    EMPTY = "empty message"  # the "." sent alone after a 354 nobody wanted (RFC 2920 3.1)
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    data: bytes
+    replies: int  # how many replies these bytes ask for
+
+
+@dataclass(frozen=True, slots=True)
+class NeedReply:
+    """Nothing to send: the next reply is awaited."""
+
+
+NEED_REPLY = NeedReply()
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    replies: Mapping[str, Reply]  # every recipient -> the reply that decides its copy
+    clean: bool  # a reply to the end of a message came: the server reset its state
+    closing: bool  # the server said 421 (or owes replies it will not send): do not reuse
+
+
+Step = Send | NeedReply | Finished
+
+
+class Transaction:
+    """MAIL, RCPT each, DATA, the message: one transaction's commands and replies."""
+
+    __slots__ = ("_mail", "_recipients", "_rcpt_lines", "_data", "_pipelining", "_owed",
+                 "_next_rcpt", "_mail_refused", "_accepted", "_replies", "_finished")
+
+    def __init__(self, mail_from: str, recipients: Sequence[str], options: Sequence[str], *,
+                 data: bytes, utf8: bool, pipelining: bool) -> None:
+        if not recipients:
+            raise ValueError("a transaction needs at least one recipient")
+        encoding = "utf-8" if utf8 else "ascii"
+        self._mail = command(b"MAIL", b"FROM:<" + mail_from.encode(encoding) + b">",
+                             *(o.encode("ascii") for o in options))
+        self._recipients = tuple(recipients)
+        self._rcpt_lines = [command(b"RCPT", b"TO:<" + r.encode(encoding) + b">") for r in recipients]
+        self._data = data
+        self._pipelining = pipelining
+        self._owed: deque[tuple[Stage, int]] = deque()  # replies still to come: (stage, rcpt index)
+        self._next_rcpt = 0  # lock-step: the next RCPT to send
+        self._mail_refused = False
+        self._accepted: list[str] = []
+        self._replies: dict[str, Reply] = {}
+        self._finished: Finished | None = None
+
+    @property
+    def waiting(self) -> Stage | None:
+        """What the next reply will answer (None: no reply is owed)."""
+        return self._owed[0][0] if self._owed else None
+
+    def start(self) -> Send:
+        """The first write: MAIL (with PIPELINING: MAIL, every RCPT and DATA)."""
+        if self._owed or self._finished is not None:
+            raise RuntimeError("the transaction has already started")
+        self._owed.append((Stage.MAIL, -1))
+        if not self._pipelining:
+            return Send(self._mail, 1)
+        self._owed.extend((Stage.RCPT, i) for i in range(len(self._recipients)))
+        self._owed.append((Stage.DATA, -1))
+        self._next_rcpt = len(self._recipients)
+        return Send(b"".join((self._mail, *self._rcpt_lines, b"DATA\r\n")), len(self._owed))
+
+    def receive(self, reply: Reply) -> Step:
+        """Take the next reply; say what to do next."""
+        if not self._owed:
+            raise RuntimeError("no reply is owed")
+        stage, index = self._owed.popleft()
+        if reply.code == _CLOSING:
+            return self._finish(clean=False, closing=True, rest=reply)
+        match stage:
+            case Stage.MAIL:
+                if reply.code != 250:
+                    self._mail_refused = True
+                    self._replies.update((r, reply) for r in self._recipients)
+                    return NEED_REPLY if self._owed else self._finish(clean=False)
+                return self._next_command()
+            case Stage.RCPT:
+                if not self._mail_refused:
+                    recipient = self._recipients[index]
+                    if reply.code in _ACCEPTED_RCPT:
+                        self._accepted.append(recipient)
+                    else:
+                        self._replies[recipient] = reply
+                return self._next_command()
+            case Stage.DATA:
+                return self._after_data_reply(reply)
+            case Stage.MESSAGE:
+                self._replies.update((r, reply) for r in self._accepted)
+                return self._finish(clean=True)
+            case Stage.EMPTY:
+                return self._finish(clean=False)
+        raise AssertionError(stage)  # pragma: no cover - every stage is matched above
+
+    def _next_command(self) -> Step:
+        """After MAIL's or a RCPT's reply: wait for the next owed reply, or (lock-step) send the
+        next command, or finish."""
+        if self._owed:
+            return NEED_REPLY
+        if self._next_rcpt < len(self._recipients):
+            self._owed.append((Stage.RCPT, self._next_rcpt))
+            self._next_rcpt += 1
+            return Send(self._rcpt_lines[self._next_rcpt - 1], 1)
+        if not self._accepted:
+            return self._finish(clean=False)  # the transaction stays open: RSET before reuse
+        self._owed.append((Stage.DATA, -1))
+        return Send(b"DATA\r\n", 1)
+
+    def _after_data_reply(self, reply: Reply) -> Step:
+        wanted = self._accepted and not self._mail_refused
+        if reply.code == 354:
+            self._owed.append((Stage.MESSAGE, -1) if wanted else (Stage.EMPTY, -1))
+            return Send(message_bytes(self._data) if wanted else b".\r\n", 1)
+        if wanted:
+            self._replies.update((r, reply) for r in self._accepted)
+        return self._finish(clean=False)
+
+    def _finish(self, *, clean: bool, closing: bool = False, rest: Reply | None = None) -> Finished:
+        if rest is not None:
+            self._replies.update((r, rest) for r in self._recipients if r not in self._replies)
+        missing = [r for r in self._recipients if r not in self._replies]
+        if missing:  # pragma: no cover - every path above decides every recipient
+            raise AssertionError(f"{len(missing)} recipient(s) without a reply")
+        closing = closing or bool(self._owed)
+        self._owed.clear()
+        self._finished = Finished({r: self._replies[r] for r in self._recipients}, clean, closing)
+        return self._finished
