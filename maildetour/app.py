@@ -1,7 +1,8 @@
 """The one place that runs things: config in, running server out, and reloaded in place.
 
-Internal. `build` makes the parts that live as long as the process — store, scheduler, late
-bounces, the SMTP session factory — around a `wiring.Wiring` (everything the config decides);
+Internal. `build` makes the parts that live as long as the process — store (its database
+upgraded to our schema first: `store.schema`), scheduler, late bounces, the retention sweeper
+(`store.retention`), the SMTP session factory — around a `wiring.Wiring` (everything the config decides);
 `App.run` takes the state dir's lock, binds the listeners (`listeners.Listeners`) and runs the
 parts in one TaskGroup on one event loop until SIGTERM/SIGINT (or `stop()`). SIGHUP reloads
 (`App.reload`: a new Wiring, listeners added and closed to match, old agents closed once their
@@ -34,14 +35,13 @@ from maildetour.listeners import Listeners
 from maildetour.metrics import Metrics
 from maildetour.metrics_endpoint import MetricsEndpoint, start_endpoint
 from maildetour.notify import notify, reloading
-from maildetour.statelock import hold_state_dir
+from maildetour.statelock import PID_FILE, hold_state_dir
+from maildetour.store.retention import RetentionRules, Sweeper
 from maildetour.store.sqlite import SqliteStore
 from maildetour.wiring import Wiring, wire
 
 log = logging.getLogger("maildetour")
 
-# In state_dir while `serve` runs: how `maildetour queue` finds the server (SIGUSR1/SIGUSR2).
-PID_FILE = "maildetour.pid"
 
 
 @dataclass
@@ -54,6 +54,7 @@ class Parts:
     late_bounces: LateBounces
     sessions: SessionFactory
     metrics: Metrics
+    sweeper: Sweeper  # retention: the store does not grow without bound
 
     def configure(self, wiring: Wiring) -> Awaitable[object]:
         """Switch to `wiring` for new sessions and new attempts (a reload); returns what to
@@ -72,6 +73,7 @@ class Parts:
         self.late_bounces.hostname = config.server.hostname
         self.late_bounces.keep_for = delivery.late_bounce_window
         self.late_bounces.purge_interval = delivery.purge_interval
+        self.sweeper.rules = _retention(config)
         self.metrics.configure(config.destinations)
         self.wiring = wiring
         return waiting
@@ -113,7 +115,14 @@ def build(config: Config, clock: Callable[[], float]) -> Parts:
         srs=wiring.srs, on_late_bounce=late_bounces.receive, authserv_id=wiring.authserv_id, metrics=metrics,
     )
     sessions = SessionFactory(handler, **_session_settings(wiring), metrics=metrics)
-    return Parts(wiring, store, scheduler, late_bounces, sessions, metrics)
+    sweeper = Sweeper(store, _retention(config), clock)
+    return Parts(wiring, store, scheduler, late_bounces, sessions, metrics, sweeper)
+
+
+def _retention(config: Config) -> RetentionRules:
+    kept = config.store
+    return RetentionRules(retention=kept.retention, quarantine_retention=kept.quarantine_retention,
+                          interval=kept.sweep_interval, batch=kept.purge_batch)
 
 
 # Settings read once at start: a reload that changes them says so, and they wait for a restart.
@@ -165,6 +174,7 @@ class App:
                 background = [tasks.create_task(parts.store.run()), tasks.create_task(parts.scheduler.run())]
                 if parts.scheduler.keep_for is not None:
                     background.append(tasks.create_task(parts.late_bounces.run()))
+                background.append(tasks.create_task(parts.sweeper.run()))
                 self._handle_signals(parts.scheduler)
                 log.info("maildetour ready: %s", listeners.describe())
                 pid_file.write_text(f"{os.getpid()}\n")

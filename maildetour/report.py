@@ -1,5 +1,6 @@
 """Text for operators: the routing table (`check`), one address (`route`), one message's
-story (`trace`) and the queue (`queue`).
+story (`trace`), the queue (`queue list`, as text like `postqueue -p` or JSON lines like
+`postqueue -j`) and one queued message (`queue show`).
 
 Pure: values in (from the config, the routing table and the store), text out. Operator-facing
 only: it shows hidden addresses, because the operator configured them; nothing here is sent
@@ -8,13 +9,15 @@ to a sender.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
-from typing import Mapping, Sequence
+from typing import Mapping
 
 from maildetour.config.model import Config, ImapAccount
 from maildetour.core.destinations import IMAP_PREFIX, detour_chain, is_imap
 from maildetour.core.routing import Accept, Route, RoutingTable
-from maildetour.store.records import Copy, Story
+from maildetour.store.listing import REPLY_KINDS, ListedCopy, QueueListing
+from maildetour.store.records import Event, Story
 
 
 def _when(at: float) -> str:
@@ -103,12 +106,112 @@ def trace(story: Story) -> str:
     return "\n".join(lines)
 
 
-def queue(copies: Sequence[Copy]) -> str:
-    if not copies:
-        return "queue is empty"
-    lines = [f"{'queue id':<17} {'copy':>6} {'state':<11} {'tries':>5}  {'next attempt':<25} target  (sender)"]
-    for c in copies:
-        nxt = _when(c.next_at) if c.state == "queued" else "-"
-        lines.append(f"{c.queue_id:<17} {c.id:>6} {c.state:<11} {c.attempts:>5}  {nxt:<25} "
-                     f"{c.target}  (<{c.mail_from}>)")
+# --- the queue (`maildetour queue list|show`) -------------------------------------------------
+QUEUE_HEADING = (f"{'-Queue ID-':-<17} {'--Size--':>8} {'----Arrival Time----':<20} {'--Age--':>7}"
+                 "  -Sender/Copies-------------")
+
+
+def _second(at: float) -> str:
+    return datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def age(seconds: float) -> str:
+    """`45s`, `12m`, `2h05m`, `3d04h`: how long a message has been here, at a glance."""
+    s = max(int(seconds), 0)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _plural(n: int, word: str, words: str = "") -> str:
+    return f"{n} {word if n == 1 else words or word + 's'}"
+
+
+def _copy_lines(listed: ListedCopy) -> list[str]:
+    """`#6 ituki-ex@gmail.com  queued, 3 attempts, next attempt ...`, whom it is for, and the
+    last reply in parentheses (like postqueue's delay reason)."""
+    c = listed.copy
+    status = f"{c.state}, {_plural(c.attempts, 'attempt')}"
+    if c.state == "queued":
+        status += f", next attempt {_second(c.next_at)}"
+    if listed.in_flight_since is not None:
+        status += f", in flight since {_second(listed.in_flight_since)}"
+    lines = [f"  #{c.id} {c.target}  {status}"]
+    via = [f"for {c.recipient}"] if c.recipient.lower() != c.target.lower() else []
+    if c.detours:
+        via.append(f"after {_plural(c.detours, 'detour')} from {c.origin}")
+    if via:
+        lines.append("     " + ", ".join(via))
+    if listed.last_reply is not None:
+        r = listed.last_reply
+        lines.append(f"     ({r.kind} {_second(r.at)}: {r.detail})")
+    return lines
+
+
+def queue_listing(listing: QueueListing, now: float) -> str:
+    """Like `postqueue -p`: a block per message, its matching copies, the totals; and a line
+    saying so when the limit cut the listing."""
+    lines = [QUEUE_HEADING]
+    for listed in listing.messages:
+        m = listed.message
+        lines += ["", f"{m.queue_id:<17} {m.size:>8} {_second(m.received_at):<20} {age(now - m.received_at):>7}"
+                      f"  <{m.mail_from}>"]
+        for c in listed.copies:
+            lines += _copy_lines(c)
+    kbytes = (listing.matched_bytes + 1023) // 1024
+    lines += ["", f"-- {kbytes} Kbytes in {_plural(listing.matched_messages, 'message')}, "
+                  f"{_plural(listing.matched_copies, 'copy', 'copies')}."]
+    if listing.truncated:
+        lines.append(truncation(listing))
     return "\n".join(lines)
+
+
+def truncation(listing: QueueListing) -> str:
+    return f"... {len(listing.messages)} of {listing.matched_messages} messages shown; --limit to see more"
+
+
+def queue_json(listing: QueueListing, now: float) -> list[str]:
+    """Like `postqueue -j`: one JSON object per message (keys in docs/operations.md)."""
+    return [json.dumps({
+        "queue_id": lm.message.queue_id, "arrival_time": lm.message.received_at,
+        "age": round(now - lm.message.received_at, 3), "message_size": lm.message.size,
+        "sender": lm.message.mail_from, "message_id": lm.message.message_id, "client": lm.message.client,
+        "copies": [_copy_json(c) for c in lm.copies],
+    }) for lm in listing.messages]
+
+
+def _copy_json(listed: ListedCopy) -> dict[str, object]:
+    c, r = listed.copy, listed.last_reply
+    return {"copy": c.id, "recipient": c.recipient, "target": c.target, "origin": c.origin, "hidden": c.hidden,
+            "state": c.state, "attempts": c.attempts, "detours": c.detours,
+            "next_attempt": c.next_at if c.state == "queued" else None,
+            "in_flight_since": listed.in_flight_since,
+            "last_reply": r.detail if r else None, "last_reply_kind": r.kind if r else None,
+            "last_reply_time": r.at if r else None}
+
+
+def message_show(story: Story, data: bytes | None, *, body: bool, now: float) -> str:
+    """`queue show`: the envelope and every copy (with its last reply), then the message as
+    stored — its header block, and with `body` the whole of it — after one empty line."""
+    m = story.message
+    replies: dict[int, Event] = {}
+    for e in story.events:
+        if e.copy_id is not None and e.kind in REPLY_KINDS:
+            replies[e.copy_id] = e
+    lines = [f"message {m.queue_id}  received {_second(m.received_at)} ({age(now - m.received_at)} ago)",
+             f"  from <{m.mail_from}>  client {m.client}  size {m.size}",
+             f"  Message-ID {m.message_id or '(none)'}", "copies:"]
+    for c in story.copies:
+        lines += _copy_lines(ListedCopy(c, replies.get(c.id), None))
+    lines.append("")
+    if data is None:
+        lines.append("(the message's bytes are no longer kept: its copies are final)")
+        return "\n".join(lines)
+    text = data.decode("utf-8", errors="replace").replace("\r\n", "\n")
+    head, sep, rest = text.partition("\n\n")
+    lines.append(head + sep + rest if body else head)
+    return "\n".join(lines).rstrip("\n")

@@ -29,6 +29,9 @@ from pathlib import Path
 from maildetour.durable import make_dirs
 
 LOCK_FILE = "maildetour.lock"
+# Written by the lock's holder once it serves, removed when it stops: how `maildetour queue`
+# and `reload` find the server to signal.
+PID_FILE = "maildetour.pid"
 
 
 class StateDirBusy(OSError):

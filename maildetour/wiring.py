@@ -1,8 +1,9 @@
 """What a config decides, made from it: the parts `serve` starts with and a reload swaps in.
 
 Internal. `wire(config, clock)` reads the files the config names (signing keys, the SRS
-secret, certificates) and makes the routing table, the delivery agents (SMTP with the
-screening, SRS and signing agents in front of it; local Maildir; IMAP APPEND), the redactor,
+secret, certificates, the POP3 passwd_file shared with Dovecot) and makes the routing table,
+the delivery agents (SMTP with the screening, SRS and signing agents in front of it; local
+Maildir; IMAP APPEND), the redactor,
 the inbound checks, the server TLS contexts and the POP3 accounts. It opens no listener and
 touches no queue, so a broken config fails here (ConfigError naming the key) before anything
 running is changed. `validate` is the same reading without making agents (`maildetour check`).
@@ -20,6 +21,8 @@ import dns.resolver
 from maildetour.config import ConfigError
 from maildetour.config.model import IMAP_KEEPALIVE, Config
 from maildetour.core.destinations import detour_chain
+from maildetour.core.passwd_file import parse_passwd_file
+from maildetour.core.password import hash_problem
 from maildetour.core.redact import Redactor
 from maildetour.core.routing import Kind, RoutingTable
 from maildetour.delivery.base import Agent
@@ -27,7 +30,13 @@ from maildetour.delivery.imap_out import ImapAgent
 from maildetour.delivery.local import LocalAgent
 from maildetour.delivery.nexthop import NextHopResolver
 from maildetour.delivery.screen import ScreeningAgent
-from maildetour.delivery.signing import SigningAgent, SigningKeys, SrsAgent, load_keys, load_srs
+from maildetour.delivery.signing import (
+    SigningAgent,
+    SigningKeys,
+    SrsAgent,
+    load_keys,
+    load_srs,
+)
 from maildetour.delivery.smtp_out import SmtpAgent
 from maildetour.delivery.tls_policy import MtaSts, TlsPolicies
 from maildetour.inbound.handler import Checks, InboundLimits
@@ -105,11 +114,43 @@ def tls_contexts(config: Config) -> tuple[ssl.SSLContext | None, ssl.SSLContext 
     return made[0], made[1]
 
 
+def pop3_accounts(config: Config) -> dict[str, Pop3Account]:
+    """The mailboxes as POP3 accounts, with their passwords from the config or, for those
+    listed there, from `pop3.passwd_file` (Dovecot's format: one list for both; read now, so
+    at start, on reload and by `check`). Raises ConfigError naming the key and the line."""
+    shared: dict[str, str] = {}
+    path = config.pop3.passwd_file
+    if path is not None:
+        try:
+            listed = parse_passwd_file(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError("pop3.passwd_file", f"{path}: {reason}") from None
+        if listed.malformed:
+            raise ConfigError("pop3.passwd_file", f"{path}: line {listed.malformed[0]} is not user:password:...")
+        for address, box in config.mailboxes.items():
+            entry = listed.entries.get(address)
+            if entry is None:
+                continue
+            if box.password is not None or box.password_hash is not None:
+                key = "password" if box.password is not None else "password_hash"
+                raise ConfigError(f'mailbox."{address}".{key}',
+                                  f"also in pop3.passwd_file (line {entry.line}): keep one list")
+            if entry.password and (problem := hash_problem(entry.password, clear_text=True)):
+                raise ConfigError("pop3.passwd_file", f"{path}: line {entry.line} ({address}): {problem}")
+            shared[address] = entry.password
+    return {address: Pop3Account(address, config.mailbox_dir(address), box.password,
+                                 shared.get(address) or box.password_hash)
+            for address, box in config.mailboxes.items()}
+
+
 def validate(config: Config) -> None:
-    """What only reading the files can tell: keys, secrets, certificates. Raises ConfigError."""
+    """What only reading the files can tell: keys, secrets, certificates, the shared password
+    file. Raises ConfigError."""
     signing_keys(config)
     srs_codec(config, create=False)
     tls_contexts(config)
+    pop3_accounts(config)
 
 
 @dataclass
@@ -161,8 +202,7 @@ def wire(config: Config, clock: Callable[[], float]) -> Wiring:
     agents: dict[Kind, Agent] = {"smtp": smtp, "local": LocalAgent(config.mailbox_dir)}
     if config.imap:
         agents["imap"] = ImapAgent(config.imap, keepalive=IMAP_KEEPALIVE)
-    accounts = {address: Pop3Account(address, config.mailbox_dir(address), box.password, box.password_hash)
-                for address, box in config.mailboxes.items()}
+    accounts = pop3_accounts(config)
     return Wiring(config, table, agents, Redactor(private_addresses(config)), checks, srs,
                   authserv_id if checks is not None or keys is not None else None,
                   smtp_tls, pop3_tls, accounts)

@@ -8,6 +8,7 @@ from typing import Awaitable, Callable, Mapping, Sequence
 
 from maildetour.core.outcome import Outcome
 from maildetour.delivery.base import Job
+from maildetour.store.listing import BytesGone, InFlight, ListedCopy, ListedMessage, QueueListing, QueueQuery
 from maildetour.store.records import Copy, CopyState, Event, Message, NewCopy, Story
 
 
@@ -21,6 +22,9 @@ class MemoryStore:
         self.finished: list[str] = []
         self.keep_until: dict[str, float | None] = {}
         self.fail_accept: Exception | None = None
+        self.marks: dict[int, float] = {}  # copies in an attempt (`started`), cleared by `update`
+        self.fail_update: Exception | None = None  # `update` fails with this (a full disk)
+        self.problem: str | None = None  # what `health` says
         self._next = 1
 
     async def accept(self, message: Message, data: bytes, copies: Sequence[NewCopy],
@@ -41,9 +45,16 @@ class MemoryStore:
                                          c.target, c.why))
         return made
 
+    def health(self) -> str | None:
+        return self.problem
+
     def update(self, copy: Copy, events: Sequence[Event]) -> Awaitable[bool]:
-        self.events += events
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if self.fail_update is not None:
+            done.set_exception(self.fail_update)
+            return done
+        self.events += events
+        self.marks.pop(copy.id, None)
         done.set_result(self.copies[copy.id].state not in ("held", "deleted"))
         if done.result():
             self.copies[copy.id] = copy
@@ -77,6 +88,30 @@ class MemoryStore:
             self.keep_until[q] = None
         return len(gone)
 
+    # --- retention: finished = in `finished`, at the time of its last event ----------------------
+    async def expire_quarantined(self, before: float, now: float, limit: int) -> int:
+        old = [c for c in self.copies.values() if c.state == "quarantined" and c.next_at < before][:limit]
+        for c in old:
+            self.copies[c.id] = replace(c, state="deleted")
+            self.events.append(Event(now, c.queue_id, c.id, "deleted", c.target, "quarantine_retention"))
+        return len(old)
+
+    async def purge_finished(self, before: float, now: float, limit: int) -> int:
+        def done(q: str) -> bool:
+            until = self.keep_until.get(q)
+            return (q in self.finished and (until is None or until < now)
+                    and max((e.at for e in self.events if e.queue_id == q), default=0.0) < before
+                    and all(c.state not in ("queued", "held", "quarantined")
+                            for c in self.copies.values() if c.queue_id == q))
+
+        gone = [q for q in self.messages if done(q)][:limit]
+        for q in gone:
+            del self.messages[q]
+            self.finished.remove(q)
+            self.copies = {i: c for i, c in self.copies.items() if c.queue_id != q}
+            self.events = [e for e in self.events if e.queue_id != q]
+        return len(gone)
+
     async def story(self, key: str) -> Story | None:
         if key not in self.messages:
             return None
@@ -87,10 +122,13 @@ class MemoryStore:
         found = [c for c in self.copies.values() if states is None or c.state in states]
         return sorted(found, key=lambda c: (c.queue_id, c.id))[:limit]
 
-    async def flush(self, now: float) -> int:
-        due = [c for c in self.copies.values() if c.state == "queued"]
+    async def flush(self, now: float, *, queue_id: str | None = None, dest: str | None = None) -> int:
+        due = [c for c in self.copies.values() if c.state == "queued" and queue_id in (None, c.queue_id)
+               and dest in (None, c.target)]
         for c in due:
             self.copies[c.id] = replace(c, next_at=now)
+        for q in sorted({c.queue_id for c in due}):
+            self.events.append(Event(now, q, None, "flushed", "", "due now"))
         return len(due)
 
     async def hold(self, queue_id: str, now: float) -> int:
@@ -99,8 +137,34 @@ class MemoryStore:
     async def release(self, queue_id: str, now: float) -> int:
         return self._operator(queue_id, now, ("held", "quarantined"), "queued", "released")
 
-    async def delete(self, queue_id: str, now: float) -> int:
+    async def delete(self, queue_id: str, now: float, *, refuse_in_flight: bool = False) -> int | InFlight:
+        busy = tuple(sorted(i for i in self.marks if self.copies[i].queue_id == queue_id))
+        if refuse_in_flight and busy:
+            return InFlight(busy)
         return self._operator(queue_id, now, ("queued", "held", "quarantined"), "deleted", "deleted")
+
+    def started(self, copy_ids: Sequence[int], now: float) -> None:
+        self.marks.update((i, now) for i in copy_ids if self.copies[i].state == "queued")
+
+    async def listing(self, query: QueueQuery) -> QueueListing:
+        found = [c for c in self.copies.values() if (query.states is None or c.state in query.states)
+                 and query.dest in (None, c.target)
+                 and (query.received_before is None or c.received_at < query.received_before)]
+        ids = sorted({c.queue_id for c in found}, key=lambda q: (self.messages[q][0].received_at, q),
+                     reverse=query.newest_first)
+        listed = tuple(ListedMessage(self.messages[q][0], tuple(
+            ListedCopy(c, None, self.marks.get(c.id)) for c in sorted(found, key=lambda c: c.id) if c.queue_id == q))
+            for q in ids[:query.limit])
+        return QueueListing(listed, len(ids), len(found), sum(self.messages[q][0].size for q in ids))
+
+    async def requeue(self, queue_id: str, now: float) -> int | BytesGone:
+        chosen = [c for c in self.copies.values() if c.queue_id == queue_id
+                  and c.state in ("quarantined", "bounced", "failed")]
+        for c in chosen:
+            self.copies[c.id] = replace(c, state="queued", target=c.origin, attempts=0, first_failure=None,
+                                        detours=0, next_at=now)
+            self.events.append(Event(now, queue_id, c.id, "requeued", c.origin, f"{c.state} at {c.target}"))
+        return len(chosen)
 
     def _operator(self, queue_id: str, now: float, from_states: tuple[CopyState, ...], state: CopyState,
                   kind: str) -> int:

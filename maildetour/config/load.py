@@ -32,6 +32,7 @@ from maildetour.config.model import (
     SigningConfig,
     SmtpConfig,
     SrsConfig,
+    StoreConfig,
 )
 from maildetour.config.reader import (
     ConfigError,
@@ -50,6 +51,7 @@ from maildetour.core.destinations import (
     is_imap,
 )
 from maildetour.core.hostport import HostPort
+from maildetour.core.password import hash_problem
 from maildetour.core.routing import Accept, route
 
 
@@ -79,9 +81,10 @@ def build_config(raw: dict[str, Any], path: Path) -> Config:
     srs = _srs(top.sub_table("srs"), base, server, smtp, mailboxes, signing, signing_secret)
     imap = _imap(top.sub_table("imap"), base)
     metrics = _metrics(top.sub_table("metrics"))
+    store = _store(top.sub_table("store"))
     top.finish()
     config = Config(path, server, smtp, pop3, delivery, mailboxes, forwards, destinations, signing, checks,
-                    srs, imap, metrics)
+                    srs, imap, metrics, store=store)
     _cross_check(config)
     return config
 
@@ -185,6 +188,7 @@ def _smtp(t: Table, base: Path) -> SmtpConfig:
         command_timeout=t.convert("command_timeout", parse_duration, d.command_timeout),
         data_timeout=t.convert("data_timeout", parse_duration, d.data_timeout),
         max_line_length=_positive_int(t, "max_line_length", d.max_line_length),
+        max_bytes_receiving=t.convert("max_bytes_receiving", parse_size, d.max_bytes_receiving),
         tls_cert=cert,
         tls_key=key,
         max_sessions_per_client=per_client,
@@ -219,14 +223,60 @@ def _pop3(t: Table, base: Path) -> Pop3Config:
         tls_cert=cert,
         tls_key=key,
         settings=Pop3Settings(allow_insecure_login=t.get("allow_plaintext", bool, False)),
+        passwd_file=t.convert("passwd_file", _relative(base), None),
     )
+    _check_pop3_plaintext(t, config)
     t.finish()
     return config
+
+
+def _check_pop3_plaintext(t: Table, config: Pop3Config) -> None:
+    """A plain listener off loopback with no certificate (so no STLS) and no allow_plaintext
+    would refuse every login from elsewhere (pop3.protocol, RFC 2595): say so now (issue 12)."""
+    if config.tls_cert is not None or config.settings.allow_insecure_login:
+        return
+    for i, where in enumerate(config.listen):
+        if not _is_loopback_host(where.host):
+            raise ConfigError(
+                f"{t.name('listen')}[{i}]",
+                f"{where.host}:{where.port} takes clients from other hosts, but without TLS every login from "
+                "them is refused (\"-ERR [AUTH] plaintext authentication disallowed on non-secure connections\", "
+                "RFC 2595): set tls_cert and tls_key (STLS), use listen_tls, or allow_plaintext = true behind a "
+                "trusted network")
+
+
+def _is_loopback_host(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: its addresses are other hosts' to reach
 
 
 def _metrics(t: Table) -> MetricsConfig:
     """`[metrics] listen = "host:port"`: one endpoint, or none at all when not given."""
     config = MetricsConfig(listen=t.convert("listen", parse_hostport, None))
+    t.finish()
+    return config
+
+
+def _store(t: Table) -> StoreConfig:
+    """`[store]`: retention of finished messages and quarantined copies ("0": for ever)."""
+    d = StoreConfig()
+
+    def kept_for(sub: str, default: float | None) -> float | None:
+        value = t.convert(sub, parse_duration, default)
+        return None if value == 0 else value
+
+    interval = t.convert("sweep_interval", parse_duration, d.sweep_interval)
+    if interval <= 0:
+        raise ConfigError(t.name("sweep_interval"), "must be positive")
+    config = StoreConfig(retention=kept_for("retention", d.retention),
+                         quarantine_retention=kept_for("quarantine_retention", d.quarantine_retention),
+                         sweep_interval=interval)
     t.finish()
     return config
 
@@ -405,8 +455,8 @@ def _mailboxes(t: Table) -> dict[str, Mailbox]:
             raise ConfigError(box.name("password"), "must not be empty")
         if password is not None and password_hash is not None:
             raise ConfigError(box.name("password_hash"), "give password or password_hash, not both")
-        if password_hash is not None and not password_hash.startswith("scrypt$"):
-            raise ConfigError(box.name("password_hash"), "expected a scrypt$... hash from `maildetour passwd`")
+        if password_hash is not None and (problem := hash_problem(password_hash)) is not None:
+            raise ConfigError(box.name("password_hash"), problem)
         box.finish()
         if address in result:
             raise ConfigError(t.name(name), "mailbox defined twice (addresses ignore case)")

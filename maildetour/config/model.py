@@ -52,6 +52,10 @@ class SmtpConfig:
     # it now and then, and refusing it loses mail (Postfix takes 2048 and folds). We keep the
     # bytes unchanged (DKIM), so we take longer lines instead; longer still get 500 5.5.2.
     max_line_length: int = 8192
+    # Declared sizes (SIZE=, else max_message_size) of the messages being received at once;
+    # a DATA beyond it waits for room, then 452 4.3.1 (inbound.data_budget). Receiving holds
+    # about three times this in memory at worst; one message always goes.
+    max_bytes_receiving: int = 128 * MB
     tls_cert: Path | None = None
     tls_key: Path | None = None
     # --- Per-client limits (inbound.limits). A client is an IPv4 address or an IPv6 /64. ---
@@ -145,8 +149,9 @@ class Pop3Settings:
     # the mailbox lock and a slot forever. Two hours fetch about 900 MB at 1 Mbit/s; a client
     # cut off logs in again and goes on by UIDL.
     max_session_time: float = 7200.0
-    # Threads that run scrypt for logins, apart from every other pool: each run is ~60 ms of
-    # CPU and 16 MiB; two use both cores of a small host at most and leave SMTP responsive.
+    # Threads that hash passwords for logins (argon2id or scrypt), apart from every other pool:
+    # each run is ~30-60 ms of CPU and 16-19 MiB (one core: argon2id with p=1); two use both
+    # cores of a small host at most and leave SMTP responsive.
     password_workers: int = 2
     # Threads for Maildir reads, listings and removals of POP3 sessions, apart from the shared
     # default pool (spool writes, local delivery), so neither can stall the other.
@@ -170,6 +175,9 @@ class Pop3Config:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     settings: Pop3Settings = Pop3Settings()
+    # A Dovecot passwd-file (`user:{ARGON2ID}...:...`) the mailboxes' passwords come from, read
+    # at start and on reload: one list for our POP3 and Dovecot's IMAP (issue 12).
+    passwd_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,6 +326,24 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """How long the queue database and the spool keep what is done (store.retention)."""
+
+    # Finished messages (every copy delivered, bounced, failed or deleted): their rows, events
+    # and spool file go this long after the last copy became final. A month of `trace` answers
+    # "what happened to my mail last week" and bounds the database (None, "0": for ever).
+    retention: float | None = 30 * 86400.0
+    # Quarantined copies wait for the operator (`queue --release`) this long, then are deleted
+    # (never delivered; kept for `trace` another `retention`). A loop can be made by anyone,
+    # so quarantine must not grow for ever; three months is time to notice (None, "0": for ever).
+    quarantine_retention: float | None = 90 * 86400.0
+    # How often the sweep looks for what is due. Each sweep works in batches of `purge_batch`
+    # messages per transaction (tens of milliseconds), so accepting and delivering never wait long.
+    sweep_interval: float = 600.0
+    purge_batch: int = 500
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path
     server: ServerConfig
@@ -332,6 +358,7 @@ class Config:
     srs: SrsConfig | None = None  # None only when there is no domain at all to use
     imap: dict[str, ImapAccount] = field(default_factory=dict)
     metrics: MetricsConfig = MetricsConfig()
+    store: StoreConfig = StoreConfig()
 
     @property
     def spool_dir(self) -> Path:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from typing import Awaitable, Callable
 
 from maildetour.core.bounce_report import parse_bounce
@@ -97,6 +98,10 @@ class LateBounces:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.purge_interval)
-            removed = await self.store.purge(self.clock())
+            try:
+                removed = await self.store.purge(self.clock())
+            except (OSError, sqlite3.Error) as error:  # a full disk: purged next time
+                log.error("messages kept for late bounces not purged: %s", error)
+                continue
             if removed:
                 log.info("removed %d messages kept for late bounces", removed)

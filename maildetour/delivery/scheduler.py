@@ -6,9 +6,11 @@ out as one job; the agent reports an outcome per copy; `core.policy` decides; th
 and its events are written to the store. What a decision needs done elsewhere is done there:
 a private DSN by `bounces.DsnWriter`, signing and `skip_when` by the agents in front of the SMTP
 agent. On start-up every queued copy is loaded again, so what was in flight before a crash is
-simply tried again (at-least-once); `flush` makes every queued copy due now and `reload` drops
-copies the operator held or deleted. At most `max_parallel_attempts` attempts run at once.
-Message bytes come from the store (which keeps recent ones in memory).
+simply tried again (at-least-once); `flush` makes every queued copy due now and `reload` picks
+up what the operator changed (held, deleted, released, requeued, flushed copies). Each attempt's
+copies are marked in the store when it starts (so `queue delete` can refuse them). At most
+`max_parallel_attempts` attempts run at once. Message bytes come from the store (which keeps
+recent ones in memory).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import sqlite3
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Awaitable, Callable, Iterable, Mapping
@@ -86,6 +89,8 @@ class Scheduler:
         self._running = 0  # attempts in flight
         self._attempts: set[asyncio.Task[None]] = set()  # the same, as tasks (a reload waits for them)
         self._flush_requested = self._reload_requested = False
+        self._store_down = False  # a write failed: no attempt starts until `store.health()` is fine
+        self.store_recheck = _STORE_RECHECK
 
     def reconfigure(self, *, table: RoutingTable, agents: Mapping[Kind, Agent], retry: RetryRules,
                     max_parallel: int, dsn: DsnWriter, keep_for: float | None, rate_delay: float,
@@ -110,14 +115,15 @@ class Scheduler:
         self._wake.set()
 
     def flush(self) -> None:
-        """Every queued copy is due now (`maildetour queue --flush|--release`, SIGUSR1); the
+        """Every queued copy is due now (`maildetour queue flush`, SIGUSR1); the
         queue is read again first. Detour deadlines still count from the first failure."""
         self._flush_requested = True
         self._wake.set()
 
     def reload(self) -> None:
-        """Read the queue again (SIGUSR2, after `queue --hold|--delete`): copies queued in the
-        store meanwhile are scheduled, copies no longer queued there are dropped."""
+        """Read the queue again (SIGUSR2, after `queue hold|release|delete|requeue|flush ID`):
+        copies queued in the store meanwhile are scheduled, copies no longer queued there are
+        dropped, and known copies made due earlier there are rescheduled."""
         self._reload_requested = True
         self._wake.set()
 
@@ -139,7 +145,23 @@ class Scheduler:
         ids = {c.id for c in queued}
         for copy in [c for c in self._copies.values() if c.id not in ids and c.id not in self._busy]:
             self._forget(copy)
+        self._due_earlier(queued)
         self.submit(queued)  # known copies are skipped
+
+    def _due_earlier(self, stored: list[Copy]) -> None:
+        """Known copies the operator made due earlier in the store (`queue flush ID|--dest`) are
+        rescheduled. Only a copy whose attempts and target the store agrees on: one whose last
+        attempt's update has not committed yet shows an older due time there, not a flush."""
+        for copy in stored:
+            known = self._copies.get(copy.id)
+            if (known is not None and copy.id not in self._busy and copy.next_at < known.next_at
+                    and (copy.attempts, copy.target) == (known.attempts, known.target)):
+                self._schedule(replace(known, next_at=copy.next_at))
+
+    def _mark_started(self, group: list[Copy]) -> None:
+        """Tell the store these copies are in an attempt (for `queue delete`); nothing waits
+        for it: the attempt starts at once."""
+        self.store.started([c.id for c in group], self.clock())
 
     async def _flush(self) -> None:
         self._flush_requested = False
@@ -163,16 +185,21 @@ class Scheduler:
                 # copies must not become 100,000 waiting tasks (memory); the rest stay in the
                 # heap and go out as attempts finish (each one wakes this loop).
                 free = self.max_parallel - self._running
+                if self._store_down and self._store_still_down():
+                    free = 0
                 for group in self._due_groups(self.clock(), free):
                     token = object()
                     self._busy.update((c.id, token) for c in group)
+                    self._mark_started(group)
                     self._running += 1
                     self._bytes += group[0].size
                     attempt = tasks.create_task(self._attempt(group, token))
                     self._attempts.add(attempt)
                     attempt.add_done_callback(self._attempts.discard)
                 full = self.max_bytes > 0 and self._bytes >= self.max_bytes
-                if self._running >= self.max_parallel or (full and self._running):
+                if self._store_down:
+                    timeout = self.store_recheck
+                elif self._running >= self.max_parallel or (full and self._running):
                     timeout = None  # a finishing attempt wakes us
                 else:
                     timeout = max(self._heap[0][0] - self.clock(), 0.0) if self._heap else None
@@ -180,6 +207,15 @@ class Scheduler:
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 except TimeoutError:
                     pass
+
+    def _store_still_down(self) -> bool:
+        problem = self.store.health()
+        if problem is None:
+            log.info("the queue can be written again; deliveries resume")
+            self._store_down = False
+            self._reload_requested = True  # what failed meanwhile is read again
+            self._wake.set()
+        return problem is not None
 
     def _due_groups(self, now: float, limit: int) -> list[list[Copy]]:
         """Up to `limit` groups of due copies (one message, one agent, one batch key each)."""
@@ -252,12 +288,30 @@ class Scheduler:
             started = self.clock()
             outcomes = await self._deliver(group, data)
             took = self.clock() - started
-            await asyncio.gather(*(self._settle(copy, outcomes.get(copy.target.lower(), _UNKNOWN), token, took)
-                                   for copy in group))
+            settled = await asyncio.gather(*(self._settle(copy, outcomes.get(copy.target.lower(), _UNKNOWN),
+                                                          token, took) for copy in group), return_exceptions=True)
+            for failure in [s for s in settled if isinstance(s, BaseException)]:
+                raise failure
+        except (OSError, sqlite3.Error) as error:  # the store could not write (disk full, I/O error)
+            self._store_failed(group, error)
         finally:
             self._running -= 1
             self._bytes -= first.size
             self._free(group, token)
+
+    def _store_failed(self, copies: list[Copy], error: Exception) -> None:
+        """The store could not record what happened to `copies` (a full disk, an I/O error).
+        They are dropped from memory and read again from the store, so each is tried again from
+        its last recorded state (one that was delivered may go out twice: at-least-once, as
+        after a crash). Until the store can write again no attempt starts: a full disk must
+        not become a stream of repeated deliveries, nor stop the server."""
+        for copy in copies:
+            self._forget(copy)
+        if not self._store_down:
+            log.error("the queue could not be written (%s); deliveries wait until it can", error)
+        self._store_down = True
+        self._reload_requested = True
+        self._wake.set()
 
     def _free(self, copies: list[Copy], token: object) -> None:
         """The attempt `token` is over for `copies` (unless a later attempt took one already)."""
@@ -399,6 +453,7 @@ class Scheduler:
             await self.store.finish(copy.queue_id, self.clock() + self.keep_for if keep else None)  # type: ignore[operator]
 
 
+_STORE_RECHECK = 5.0  # seconds between looks at a store that could not write
 _UNKNOWN = TemporaryFailure("no outcome reported for this recipient")
 # What the server log calls each decision (Postfix's status=).
 _STATUS = {Done: "sent", Retry: "deferred", Detour: "detoured", Quarantine: "quarantined", Bounce: "bounced",

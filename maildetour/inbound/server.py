@@ -31,6 +31,7 @@ from maildetour.core import replies
 from maildetour.core.address import SOURCE_ROUTE, raw_path_problem
 from maildetour.core.client_key import client_key
 from maildetour.core.replies import Reply
+from maildetour.inbound.data_budget import DataBudget
 from maildetour.inbound.handler import Handler
 from maildetour.inbound.limits import Clients, default_limits, sender_domain
 from maildetour.metrics import Metrics
@@ -62,13 +63,30 @@ class _Refusal(Exception):
         self.reply = reply
 
 
+# How long a DATA waits for room in the budget before 452 (RFC 5321 4.5.3.2.2: a client waits
+# at least 2 minutes for the reply to DATA).
+_DATA_BUDGET_WAIT = 60.0
+
+
+def _declared_size(mail_options: list[str]) -> int | None:
+    """The SIZE= of MAIL FROM (RFC 1870), if the client gave one."""
+    for option in mail_options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return None
+
+
 class Session(SMTP):
     """One client connection."""
 
     def __init__(self, handler: Handler, *, data_timeout: float, on_close: Callable[[], None],
-                 max_line_length: int, clients: Clients, metrics: Metrics | None = None, **kwargs: Any) -> None:
+                 max_line_length: int, clients: Clients, budget: DataBudget, metrics: Metrics | None = None,
+                 **kwargs: Any) -> None:
         self.line_length_limit = max_line_length + 3  # CRLF and a transparency dot (RFC 5321 4.5.2)
         super().__init__(handler, **kwargs)
+        self._budget = budget
+        self._max_size: int = self.data_size_limit or 0
         self._metrics = metrics  # every refusal we send is counted here, and only here
         self._data_timeout = data_timeout
         self._data_started: float | None = None
@@ -209,11 +227,25 @@ class Session(SMTP):
         super().data_received(data)
 
     async def smtp_DATA(self, arg: str) -> None:
+        reserved = 0
+        if self.envelope is not None and self.envelope.rcpt_tos and not arg:  # else aiosmtpd says 503/501
+            declared = _declared_size(self.envelope.mail_options)
+            reserved = declared if declared is not None else self._max_size
+            if not await self._budget.reserve(reserved, _DATA_BUDGET_WAIT):
+                log.warning("%s: no room to receive %d more bytes; 452", self.session.peer if self.session else "?",
+                            reserved)
+                await self.push(str(replies.NO_STORAGE))
+                return
+            if declared is not None:  # what the reservation covers, with room for dot-stuffing
+                self.data_size_limit = min(self._max_size, declared + declared // 10 + 65536)
         self._data_started = self.loop.time()
         try:
             await super().smtp_DATA(arg)
         finally:
             self._data_started = None
+            if reserved:
+                self._budget.release(reserved)
+                self.data_size_limit = self._max_size
 
     # --- MAIL and RCPT ------------------------------------------------------------------------
     async def smtp_MAIL(self, arg: str | None) -> None:
@@ -270,6 +302,7 @@ class SessionFactory:
         self.open = 0
         self.metrics = metrics
         self.clients = Clients(limits if limits is not None else default_limits(max_sessions))
+        self.budget = DataBudget(self.clients.limits.max_bytes_receiving)
         self.configure(handler, hostname=hostname, max_sessions=max_sessions, max_message_size=max_message_size,
                        command_timeout=command_timeout, data_timeout=data_timeout, tls=tls,
                        max_line_length=max_line_length, limits=limits)
@@ -286,6 +319,7 @@ class SessionFactory:
         wanted = limits if limits is not None else default_limits(max_sessions)
         if self.clients.limits != wanted:
             self.clients = Clients(wanted)
+        self.budget.limit = wanted.max_bytes_receiving  # the reservations in force stay
 
     def _closed(self) -> None:
         self.open -= 1
@@ -299,7 +333,7 @@ class SessionFactory:
         self.open += 1
         return Session(
             self.handler, data_timeout=self.data_timeout, on_close=self._closed,
-            max_line_length=self.max_line_length, clients=self.clients, metrics=self.metrics,
+            max_line_length=self.max_line_length, clients=self.clients, budget=self.budget, metrics=self.metrics,
             hostname=self.hostname, ident="ESMTP", data_size_limit=self.max_message_size,
             enable_SMTPUTF8=True, decode_data=False, tls_context=self.tls,
             timeout=self.command_timeout, loop=asyncio.get_running_loop(),

@@ -1,17 +1,17 @@
 """asyncio wrapper around the POP3 state machine: listeners, TLS, login checks, Maildir I/O.
 
 Runs `protocol.Pop3Session` per connection and performs its effects: writes replies with flow
-control, verifies passwords (scrypt, in its own bounded thread pool), keeps the per-mailbox
+control, verifies passwords (argon2id or scrypt, in its own bounded thread pool), keeps the per-mailbox
 lock and the login throttle, lists and reads Maildirs (in another pool of its own, chunk by
 chunk), starts TLS after STLS (dropping any input pipelined behind it), removes messages only
 when the session says so (QUIT in TRANSACTION).
 
 Exposure: faces the internet. Limits beyond the protocol's own (issue 10 #3, #8): every login
-attempt is counted by the throttle before its scrypt run (and given back if it succeeds), so
+attempt is counted by the throttle before its hash run (and given back if it succeeds), so
 parallel attempts cannot race past it; one client address (IPv6: its /64) may hold at most
 `max_unauthenticated_per_client` connections that have not logged in; a session must log in
 within `login_timeout` and ends after `max_session_time`, whatever it sends. Neither the
-default thread pool nor the other parts of the process share the scrypt or Maildir threads.
+default thread pool nor the other parts of the process share the hashing or Maildir threads.
 
 Failure: a client's I/O error, TLS error or timeout ends that connection only, deleting
 nothing; an unexpected exception is logged and ends that connection without its text reaching
@@ -77,7 +77,8 @@ _MAX_INBOX = 256 * 1024
 @dataclass(frozen=True, slots=True)
 class Pop3Account:
     """A mailbox that may log in: its address (the login name, any case), its Maildir root,
-    and exactly one of a clear-text password or a `scrypt$...` hash."""
+    and at most one of a clear-text password or a hash (`core.password`: `{ARGON2ID}...`,
+    `scrypt$...`, or what `pop3.passwd_file` gives)."""
 
     address: str
     maildir: Path
@@ -187,9 +188,10 @@ async def start_pop3(*, listen: Sequence[tuple[str, int]], listen_tls: Sequence[
     if listen_tls and ssl_context is None:
         raise ValueError("pop3 listen_tls needs a TLS certificate (ssl_context)")
     loop = asyncio.get_running_loop()
-    password_pool = ThreadPoolExecutor(settings.password_workers, "maildetour-pop3-scrypt")
+    password_pool = ThreadPoolExecutor(settings.password_workers, "maildetour-pop3-password")
     try:
-        # Unknown users get a scrypt run against this, so a refusal takes as long either way.
+        # Unknown users get a hash run against this (argon2id, what `maildetour passwd` makes), so a
+        # refusal takes as long either way (an account with an older scrypt hash: about as long).
         dummy_hash = await loop.run_in_executor(password_pool, hash_password, "unused")
     except BaseException:
         password_pool.shutdown(wait=False)
@@ -214,7 +216,7 @@ async def start_pop3(*, listen: Sequence[tuple[str, int]], listen_tls: Sequence[
 
 class _Service:
     """State shared by the sessions of one server: accounts, locks, throttle, live sessions,
-    connections not logged in per client, and the two thread pools (scrypt; Maildir I/O)."""
+    connections not logged in per client, and the two thread pools (password hashing; Maildir I/O)."""
 
     def __init__(self, *, accounts: dict[str, Pop3Account], settings: Pop3Settings,
                  hostname: str, ssl_context: ssl.SSLContext | None,
@@ -235,11 +237,29 @@ class _Service:
             per_mailbox=settings.max_failures_per_mailbox,
             window=settings.failure_window, max_tracked=settings.max_tracked_failures)
         self.unauthenticated: Counter[str] = Counter()  # client_key -> connections not logged in
+        self.waiting: dict[_Connection, str] = {}  # connections not logged in, oldest first -> client_key
         self.password_pool = password_pool
         self.io_pool = ThreadPoolExecutor(settings.io_workers, "maildetour-pop3-io")
 
+    def make_room(self, newcomer: str) -> bool:
+        """All connections are taken and client `newcomer` wants one: close the oldest
+        connection not logged in of the client holding the most such connections, if that
+        client holds more than `newcomer` does. True when room was made. So clients flooding
+        from many addresses cannot keep the owner out (issue 10: ten addresses could): they
+        only push each other out, while a login takes one round trip."""
+        if not self.unauthenticated:
+            return False
+        biggest, held = max(self.unauthenticated.items(), key=lambda item: item[1])
+        if held <= self.unauthenticated.get(newcomer, 0):
+            return False
+        victim = next(c for c, key in self.waiting.items() if key == biggest)
+        log.info("pop3: all %d connections taken; closing one not logged in from %s for %s",
+                 self.settings.max_connections, biggest, newcomer)
+        victim.evict()
+        return True
+
     def shutdown(self) -> None:
-        """Let the pools' threads end (a running scrypt or read finishes; nothing waits)."""
+        """Let the pools' threads end (a running hash or read finishes; nothing waits)."""
         self.password_pool.shutdown(wait=False, cancel_futures=True)
         self.io_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -271,13 +291,13 @@ class _Connection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         service = self._service
-        if len(service.connections) >= service.settings.max_connections:
-            transport.write(TOO_MANY_CONNECTIONS)
-            transport.close()
-            return
         peer = transport.get_extra_info("peername")
         self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         key = client_key(self._peer)
+        if len(service.connections) >= service.settings.max_connections and not service.make_room(key):
+            transport.write(TOO_MANY_CONNECTIONS)
+            transport.close()
+            return
         if service.unauthenticated[key] >= service.settings.max_unauthenticated_per_client:
             log.info("pop3 %s: too many connections not logged in from this client", self._peer)
             transport.write(TOO_MANY_CONNECTIONS)
@@ -285,6 +305,7 @@ class _Connection(asyncio.Protocol):
             return
         service.unauthenticated[key] += 1
         self._unauthenticated = key
+        service.waiting[self] = key
         service.connections.add(self)
         self._session = Pop3Session(
             settings=service.settings, hostname=service.hostname,
@@ -322,6 +343,15 @@ class _Connection(asyncio.Protocol):
             counts[key] -= 1
             if counts[key] <= 0:
                 del counts[key]
+            self._service.waiting.pop(self, None)
+
+    def evict(self) -> None:
+        """Make room for another client (`_Service.make_room`): counted out now, closed soon."""
+        self._service.connections.discard(self)
+        self._authenticated()
+        if self._transport is not None:
+            self._transport.write(TOO_MANY_CONNECTIONS)
+            self._transport.close()
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -437,7 +467,7 @@ class _Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         name = username.lower()
         # Counted as a failure before the password is checked, given back only if it was
-        # right: parallel attempts cannot all pass the check while their scrypt runs.
+        # right: parallel attempts cannot all pass the check while their hash runs.
         reservation = service.throttle.reserve(self._peer, name, service.clock())
         if reservation is None:
             log.warning("pop3 %s: login throttled", self._peer)
@@ -532,7 +562,7 @@ class _Connection(asyncio.Protocol):
 
 
 def _password_matches(account: Pop3Account | None, password: str, dummy_hash: str) -> bool:
-    """Blocking (scrypt): always one scrypt run, whether or not the account exists or has a
+    """Blocking (argon2id or scrypt): always one hash run, whether or not the account exists or has a
     clear-text password, so timing tells nothing. An empty password never matches (issue 10
     #10), whatever is stored."""
     if account is None or account.password_hash is None:

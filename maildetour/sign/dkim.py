@@ -5,29 +5,25 @@ top of a message — rsa-sha256 always, plus an ed25519-sha256 signature when an
 configured (RFC 8463) — made by dkimpy with relaxed/relaxed canonicalisation over the usual
 header fields (those present of `SIGNED_HEADERS`, and the ones in `OVERSIGNED_HEADERS` once
 more so nobody can add a second one later). The message itself, and any signature it already
-carries, are left untouched. `generate_key` writes a new RSA key (mode 0600) and returns the
-TXT record to publish at `<selector>._domainkey.<domain>`.
+carries, are left untouched. Key generation and public records live in `sign.dkim_keys`
+(`generate_key` is re-exported here for its older callers).
 
 Contract: `sign` is pure apart from reading the clock for t= (inside dkimpy); CPU-bound (one
 RSA signature, a hash of the body), so callers on the event loop run it in a thread for big
-messages. `generate_key` runs `openssl` (the system binary; no extra Python dependency).
+messages.
 
 Exposure: internal; the message bytes come from the internet but are only hashed.
 
 Failure: a bad key or parameters raise `DkimKeyError` at construction (fail at start-up, not
-per message); a message dkimpy cannot sign raises `DkimSignError`; `generate_key` raises
-`DkimKeyError` when openssl fails and `FileExistsError` rather than overwrite a key.
+per message); a message dkimpy cannot sign raises `DkimSignError`.
 """
 
 from __future__ import annotations
 
-import base64
-import os
-import subprocess
-from pathlib import Path
-
 import dkim
 from dkim.crypto import UnparsableKeyError, parse_pem_private_key
+
+from maildetour.sign.dkim_keys import MIN_RSA_BITS, DkimKeyError, generate_key
 
 __all__ = [
     "DkimKeyError",
@@ -50,12 +46,6 @@ SIGNED_HEADERS: tuple[str, ...] = (
 OVERSIGNED_HEADERS: tuple[str, ...] = (
     "from", "sender", "reply-to", "subject", "date", "message-id", "to", "cc",
 )
-MIN_RSA_BITS = 1024  # RFC 8301: verifiers must refuse shorter keys; 2048 is the default
-OPENSSL_TIMEOUT = 60.0  # seconds; key generation of 4096 bits takes a few seconds
-
-
-class DkimKeyError(ValueError):
-    """A signing key or signer parameter is unusable."""
 
 
 class DkimSignError(Exception):
@@ -176,31 +166,3 @@ def _check_ed25519(seed_b64: bytes) -> None:
         nacl.signing.SigningKey(seed_b64, encoder=nacl.encoding.Base64Encoder)
     except Exception as exc:  # PyNaCl raises several types for bad input
         raise DkimKeyError("ed25519 DKIM key must be the base64 32-byte private seed") from exc
-
-
-def generate_key(path: Path, bits: int = 2048) -> str:
-    """Write a new RSA private key (PEM, mode 0600) to `path`; return the DNS TXT record."""
-    if bits < MIN_RSA_BITS:
-        raise DkimKeyError(f"DKIM keys shorter than {MIN_RSA_BITS} bits are refused by verifiers")
-    pem = _openssl(["genrsa", str(bits)], b"")
-    public_der = _openssl(["rsa", "-pubout", "-outform", "DER"], pem)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, pem)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return "v=DKIM1; k=rsa; p=" + base64.b64encode(public_der).decode("ascii")
-
-
-def _openssl(args: list[str], stdin: bytes) -> bytes:
-    try:
-        done = subprocess.run(
-            ["openssl", *args], input=stdin, capture_output=True, timeout=OPENSSL_TIMEOUT, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise DkimKeyError(f"cannot run openssl: {exc}") from exc
-    if done.returncode != 0:
-        message = done.stderr.decode(errors="replace").strip().splitlines()
-        raise DkimKeyError(f"openssl {args[0]} failed: {message[-1] if message else done.returncode}")
-    return done.stdout

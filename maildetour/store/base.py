@@ -9,14 +9,17 @@ Contract: when `accept` returns, the message bytes, its copies and its events ar
 (the copy is simply tried again: at-least-once). Every change of a copy's state is written
 together with the events that explain it, and every committed event is appended to the audit
 log. The operator's actions (hold, release, delete) win over an attempt in flight: `update`
-does not overwrite a copy the operator held or deleted meanwhile.
+does not overwrite a copy the operator held or deleted meanwhile; `delete` can instead refuse
+while a copy is marked in an attempt (`started`), which the operator's `queue delete` asks for.
 """
 
 from __future__ import annotations
 
 from typing import Awaitable, Protocol, Sequence
 
+from maildetour.store.listing import BytesGone, InFlight, QueueListing, QueueQuery
 from maildetour.store.records import Copy, CopyState, Event, Message, NewCopy, Story
+from maildetour.store.retention import RetentionReport
 
 
 class Store(Protocol):
@@ -67,8 +70,9 @@ class Store(Protocol):
         """Copies in `states` (None: all), by queue id, at most `limit` (`queue`)."""
         ...
 
-    async def flush(self, now: float) -> int:
-        """Every queued copy is due at `now`; return how many (`queue --flush`, no server)."""
+    async def flush(self, now: float, *, queue_id: str | None = None, dest: str | None = None) -> int:
+        """Queued copies (of `queue_id`, going to `dest`: an address, imap:NAME or a domain; None:
+        any) are due at `now`; return how many; event "flushed" on each message (`queue flush`)."""
         ...
 
     async def hold(self, queue_id: str, now: float) -> int:
@@ -80,9 +84,54 @@ class Store(Protocol):
         attempts and failure clock reset (same target); event "released"."""
         ...
 
-    async def delete(self, queue_id: str, now: float) -> int:
+    async def delete(self, queue_id: str, now: float, *, refuse_in_flight: bool = False) -> int | InFlight:
         """Copies of `queue_id` that are not final are deleted (kept for `trace`, never tried
-        again); the bytes go when nothing is left to deliver; event "deleted"."""
+        again); the bytes go when nothing is left to deliver; event "deleted". With
+        `refuse_in_flight` (a server runs), nothing is deleted while a copy of it is marked in
+        an attempt: InFlight names them."""
+        ...
+
+    # --- the queue tools (issue 12) ----------------------------------------------------------
+    def health(self) -> str | None:
+        """None when the store can take writes now; else why not, in one line (cheap: for
+        /readyz, and for the scheduler waiting out a full disk)."""
+        ...
+
+    def started(self, copy_ids: Sequence[int], now: float) -> None:
+        """The scheduler starts an attempt with these copies: mark the queued ones in flight
+        until the attempt's `update` clears it (written before that update, but not at once: an
+        attempt that ends soon may cost no write of its own). Every mark is cleared when the
+        server starts."""
+        ...
+
+    async def listing(self, query: QueueQuery) -> QueueListing:
+        """The messages with copies that match `query`, with each copy's last reply and attempt
+        mark, and totals of all that matched (`queue list`)."""
+        ...
+
+    async def requeue(self, queue_id: str, now: float) -> int | BytesGone:
+        """Quarantined, bounced and failed copies of `queue_id` are queued again at their origin
+        (the first target of their chain), due now, with attempts, failure clock and detours
+        reset; event "requeued" per copy. BytesGone (nothing changed) when the message's bytes
+        are no longer kept."""
+        ...
+
+    # --- retention (issue 12; `store.retention.Sweeper` calls these batch by batch) -------------
+    async def expire_quarantined(self, before: float, now: float, limit: int) -> int:
+        """At most `limit` copies quarantined before `before` are deleted (event "deleted": never
+        delivered); a message left with nothing to deliver is finished at `now` and its bytes go
+        (unless kept for late bounces). Return how many copies."""
+        ...
+
+    async def purge_finished(self, before: float, now: float, limit: int) -> int:
+        """Remove at most `limit` messages, oldest first, with nothing left to deliver that
+        finished before `before` (or, never marked finished, were received before it) and whose
+        bytes are not kept for late bounces after `now`: rows, events and spool file. Return how many."""
+        ...
+
+    async def retention_report(self, now: float) -> RetentionReport:
+        """What is kept beyond the queue: finished messages, bytes kept for late bounces, late
+        bounces received, quarantined copies, with the oldest of each (`queue`)."""
         ...
 
     # --- running -------------------------------------------------------------------------------

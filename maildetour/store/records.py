@@ -2,8 +2,9 @@
 
 Pure values. A copy moves queued -> delivered | bounced | failed | quarantined; a detour keeps
 the copy and changes its target (the event log keeps the path). The operator can hold a
-queued copy (held -> queued by release), release a quarantined one, and delete one that is not
-final (deleted: kept for `trace`, never delivered).
+queued copy (held -> queued by release), release a quarantined one, delete one that is not
+final (deleted: kept for `trace`, never delivered), and requeue a quarantined, bounced or failed
+one (queued again at its origin, the first target of its chain).
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ EventKind = Literal[
     "failed",  # permanent failure nobody may be told about (a DSN that failed)
     "alert",  # the operator should fix something (a destination says its mailbox does not exist)
     "late-bounce",  # a DSN to our SRS address, matched to the copy it reports on
-    "held",  # the operator held queued copies (`maildetour queue --hold`)
-    "released",  # the operator queued held or quarantined copies again (`queue --release`)
-    "deleted",  # the operator deleted copies (`maildetour queue --delete`)
+    "held",  # the operator held queued copies (`maildetour queue hold`)
+    "released",  # the operator queued held or quarantined copies again (`queue release`)
+    "deleted",  # the operator deleted copies (`maildetour queue delete`)
+    "flushed",  # the operator made queued copies due now (`maildetour queue flush`)
+    "requeued",  # the operator sent finished-but-failed or quarantined copies back to their first target
 ]
 
 

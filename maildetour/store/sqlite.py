@@ -8,6 +8,10 @@ first attempts. Fails with OSError/sqlite3.Error to the caller (inbound answers 
 keeps the copy in memory and retries).
 The server opens it with `recover()` (start-up clean-up); the operator's commands open it beside
 a running server (`readonly=True` for what only reads), and run the writer with `running()`.
+Opening makes or upgrades the database to our schema version (`store.schema`; the operator's
+commands refuse an older one instead). Retention removes what is done in batches of at most a
+few hundred messages per transaction (`purge`, `expire_quarantined`, `purge_finished`), so the
+writer is never held long.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 from maildetour.durable import make_dirs
+from maildetour.store import sqlite_queue as queue_sql
 from maildetour.store.audit import AuditLog
 from maildetour.store.cache import BytesCache
+from maildetour.store.listing import BytesGone, InFlight, QueueListing, QueueQuery
 from maildetour.store.records import (
     FINAL_STATES,
     Copy,
@@ -35,50 +41,14 @@ from maildetour.store.records import (
     NewCopy,
     Story,
 )
+from maildetour.store.retention import RetentionReport
+from maildetour.store.schema import open_database
 from maildetour.store.spool import Spool
 
 T = TypeVar("T")
 log = logging.getLogger("maildetour.store")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (
-    queue_id TEXT PRIMARY KEY,
-    mail_from TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    message_id TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    client TEXT NOT NULL,
-    finished INTEGER NOT NULL DEFAULT 0,
-    keep_until REAL
-);
-CREATE INDEX IF NOT EXISTS messages_message_id ON messages(message_id);
-CREATE TABLE IF NOT EXISTS copies (
-    id INTEGER PRIMARY KEY,
-    queue_id TEXT NOT NULL REFERENCES messages(queue_id),
-    recipient TEXT NOT NULL,
-    target TEXT NOT NULL,
-    hidden_origin INTEGER NOT NULL,  -- the copy has passed a hidden destination
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_at REAL NOT NULL,
-    first_failure REAL,
-    detours INTEGER NOT NULL DEFAULT 0,
-    origin TEXT  -- the target the copy started at; NULL in queues written before it existed
-);
-CREATE INDEX IF NOT EXISTS copies_queued ON copies(state) WHERE state = 'queued';
-CREATE INDEX IF NOT EXISTS copies_queue_id ON copies(queue_id);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY,
-    queue_id TEXT NOT NULL,
-    copy_id INTEGER,
-    at REAL NOT NULL,
-    kind TEXT NOT NULL,
-    target TEXT NOT NULL,
-    detail TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_queue_id ON events(queue_id);
-"""
-
+# The schema and its versions are in `store.schema` (opened and upgraded by `open_database`).
 _COPY_COLUMNS = (
     "c.id, c.queue_id, m.mail_from, c.recipient, c.target, coalesce(c.origin, c.target), c.hidden_origin,"
     " c.state, c.attempts, c.next_at, c.first_failure, c.detours, m.received_at, m.size"
@@ -93,20 +63,9 @@ def _copy(row: Sequence[Any]) -> Copy:
     )
 
 
-def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
-    if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-    else:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL would skip the fsync at commit in WAL mode: FULL keeps the 250 promise.
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.executescript(SCHEMA)
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(copies)")}
-        if "origin" not in columns:  # a queue from before detour chains: same meaning, NULL
-            conn.execute("ALTER TABLE copies ADD COLUMN origin TEXT")
-    conn.execute("PRAGMA busy_timeout=5000")
-    return conn
+def connect(path: Path, *, readonly: bool = False, upgrade: bool = True) -> sqlite3.Connection:
+    """The queue database, made or upgraded to our schema version (`store.schema`)."""
+    return open_database(path, readonly=readonly, upgrade=upgrade)
 
 
 class _Op:
@@ -122,19 +81,28 @@ class _Op:
 # queue with nothing to write must not stay unready for ever after one failure.
 _FAILURE_SHOWN = 60.0
 
+# How long an attempt's mark (`started`) waits for a transaction to ride with before it gets
+# one of its own: most attempts end sooner, and a mark matters only to a `queue delete` that
+# comes during a longer one (issue 12).
+_MARK_AFTER = 0.1
+
 # States an attempt's update must not overwrite: the operator's hand wins.
 _OPERATOR_STATES = "('held', 'deleted')"
 _FINAL = "(" + ", ".join(f"'{s}'" for s in FINAL_STATES) + ")"
+# Messages per transaction when `purge` removes kept bytes (tens of milliseconds each).
+_PURGE_BATCH = 500
 
 
 class SqliteStore:
     def __init__(self, db_path: Path, spool_dir: Path, audit_path: Path, *, cache_bytes: int = 0,
-                 cache_seconds: float = 0.0, readonly: bool = False) -> None:
+                 cache_seconds: float = 0.0, readonly: bool = False, upgrade: bool = True) -> None:
+        """`upgrade`: an older database may be upgraded in place (the server; see `store.schema`);
+        else it is refused (SchemaTooOld), as one from a newer maildetour always is."""
         self.readonly = readonly
         if not readonly:
             make_dirs(db_path.parent)  # its name durable before the queue is (issue 10, #13)
         self.spool = Spool(spool_dir, create=not readonly)
-        self._conn = connect(db_path, readonly=readonly)
+        self._conn = connect(db_path, readonly=readonly, upgrade=upgrade)
         self._audit: AuditLog | None = None if readonly else AuditLog(audit_path)
         self._cache = BytesCache(cache_bytes, cache_seconds)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
@@ -143,6 +111,7 @@ class SqliteStore:
         self._writing = False  # the writer task has started
         self._dirs = (db_path.parent, spool_dir)  # where writes go: the queue's and the spool's
         self._failure: tuple[float, str] | None = None  # when and why the last transaction failed
+        self._marks: list[tuple[Sequence[int], float]] = []  # attempts started, not yet queued (`started`)
 
     def recover(self) -> None:
         """At the server's start only: half-written spool files of a crashed run, and spool
@@ -152,6 +121,7 @@ class SqliteStore:
         known = {row[0] for row in self._conn.execute("SELECT queue_id FROM messages")}
         for name in self.spool.names() - known:
             self.spool.remove(name)
+        queue_sql.clear_marks(self._conn)  # no attempt of an earlier run is in flight any more
 
     # --- the writer -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -244,6 +214,8 @@ class SqliteStore:
         committed. The future is done when it has."""
         if self.readonly:  # no writer: read in a thread of its own
             return asyncio.ensure_future(asyncio.to_thread(func, self._conn))
+        if self._marks:  # attempt marks ride with this transaction, before it (see `started`)
+            self._queue_marks()
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._pending.append(_Op(func, future, spool, events))
         self._wake.set()
@@ -300,10 +272,12 @@ class SqliteStore:
         def write(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
                 "UPDATE copies SET target=?, hidden_origin=?, state=?, attempts=?, next_at=?,"
-                f" first_failure=?, detours=? WHERE id=? AND state NOT IN {_OPERATOR_STATES}",
+                f" first_failure=?, detours=?, attempt_started=NULL WHERE id=? AND state NOT IN {_OPERATOR_STATES}",
                 (copy.target, int(copy.hidden), copy.state, copy.attempts, copy.next_at,
                  copy.first_failure, copy.detours, copy.id),
             )
+            if cur.rowcount == 0:  # the operator's hand won; the attempt is over all the same
+                queue_sql.clear_marks(conn, copy.id)
             _insert_events(conn, events)
             return cur.rowcount == 1
 
@@ -323,8 +297,11 @@ class SqliteStore:
         self._cache.drop(queue_id)
 
         def mark(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE messages SET finished=1, keep_until=? WHERE queue_id=?",
-                         (keep_until, queue_id))
+            # finished_at (retention counts from it): the time of the message's last event, its
+            # last copy's outcome, on the clock of whoever wrote it.
+            conn.execute("UPDATE messages SET finished=1, keep_until=?, finished_at=coalesce("
+                         "(SELECT max(at) FROM events WHERE queue_id=?), received_at) WHERE queue_id=?",
+                         (keep_until, queue_id, queue_id))
             if keep_until is None:
                 self._remove_unless_held(conn, queue_id)
 
@@ -352,17 +329,85 @@ class SqliteStore:
         return await self._submit(query) and await asyncio.to_thread(self.spool.path(queue_id).exists)
 
     async def purge(self, now: float) -> int:
-        def expired(conn: sqlite3.Connection) -> list[str]:
-            rows = conn.execute("SELECT queue_id FROM messages WHERE finished=1 AND keep_until < ?"
-                                " AND NOT EXISTS (SELECT 1 FROM copies c WHERE c.queue_id=messages.queue_id"
-                                f" AND c.state NOT IN {_FINAL})", (now,)).fetchall()
-            conn.execute("UPDATE messages SET keep_until=NULL WHERE finished=1 AND keep_until < ?", (now,))
-            return [r[0] for r in rows]
+        """In batches of `_PURGE_BATCH` messages, one short transaction each (an hour's worth
+        at once would hold the writer, and so every acceptance, for seconds)."""
+        def expired(conn: sqlite3.Connection) -> tuple[int, list[str]]:
+            rows = conn.execute("SELECT queue_id, NOT EXISTS (SELECT 1 FROM copies c WHERE c.queue_id=m.queue_id"
+                                f" AND c.state NOT IN {_FINAL}) FROM messages m WHERE keep_until < ? AND finished=1"
+                                " LIMIT ?", (now, _PURGE_BATCH)).fetchall()
+            conn.executemany("UPDATE messages SET keep_until=NULL WHERE queue_id=?", [(r[0],) for r in rows])
+            return len(rows), [r[0] for r in rows if r[1]]  # quarantined copies keep theirs
 
-        gone = await self._submit(expired)
-        for queue_id in gone:
-            await asyncio.to_thread(self.spool.remove, queue_id)
+        removed = 0
+        while True:
+            seen, gone = await self._submit(expired)
+            await asyncio.to_thread(self._remove_files, gone)
+            removed += len(gone)
+            if seen < _PURGE_BATCH:
+                return removed
+            await asyncio.sleep(0)  # others' writes go between two batches
+
+    # --- retention (store.retention sweeps with these, one small transaction each) -----------
+    async def expire_quarantined(self, before: float, now: float, limit: int) -> int:
+        events: list[Event] = []
+
+        def expire(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute("SELECT id, queue_id, target FROM copies WHERE state = 'quarantined'"
+                                " AND next_at < ? ORDER BY next_at LIMIT ?", (before, limit)).fetchall()
+            conn.executemany("UPDATE copies SET state = 'deleted' WHERE id = ?", [(r[0],) for r in rows])
+            events.extend(Event(now, queue_id, copy_id, "deleted", target,
+                                "quarantined longer than store.quarantine_retention: deleted, never delivered")
+                          for copy_id, queue_id, target in rows)
+            _insert_events(conn, events)
+            return [queue_id for queue_id in dict.fromkeys(r[1] for r in rows) if _settle_expired(conn, queue_id, now)]
+
+        bare = await self._submit(expire, events=events)
+        await asyncio.to_thread(self._remove_files, bare)
+        return len(events)
+
+    async def purge_finished(self, before: float, now: float, limit: int) -> int:
+        nothing_left = (" AND NOT EXISTS (SELECT 1 FROM copies c WHERE c.queue_id = m.queue_id"
+                        f" AND c.state NOT IN {_FINAL})")
+
+        def purge(conn: sqlite3.Connection) -> list[str]:
+            found = [r[0] for r in conn.execute(
+                "SELECT queue_id FROM messages m WHERE finished = 1 AND finished_at < ?"
+                f" AND (keep_until IS NULL OR keep_until < ?){nothing_left} ORDER BY finished_at LIMIT ?",
+                (before, now, limit))]
+            if len(found) < limit:  # never marked finished (a crash between its last update and finish)
+                found += [r[0] for r in conn.execute(
+                    f"SELECT queue_id FROM messages m WHERE finished = 0 AND received_at < ?{nothing_left}"
+                    " ORDER BY received_at LIMIT ?", (before, limit - len(found)))]
+            for table in ("events", "copies", "messages"):
+                conn.executemany(f"DELETE FROM {table} WHERE queue_id = ?", [(q,) for q in found])
+            return found
+
+        gone = await self._submit(purge)
+        await asyncio.to_thread(self._remove_files, gone)
         return len(gone)
+
+    def _remove_files(self, queue_ids: Sequence[str]) -> None:
+        """Spool files of messages whose rows committed as gone (a crash before this leaves
+        orphans, removed at the next start)."""
+        for queue_id in queue_ids:
+            self._cache.drop(queue_id)
+            self.spool.remove(queue_id)
+
+    async def retention_report(self, now: float) -> RetentionReport:
+        """Counts for `maildetour queue`. Reads the whole messages table once (late bounces are
+        the messages without copies): about a second for a million messages."""
+        def query(conn: sqlite3.Connection) -> RetentionReport:
+            finished, oldest = conn.execute(
+                "SELECT count(*), min(finished_at) FROM messages WHERE finished = 1").fetchone()
+            kept, until = conn.execute("SELECT count(*), max(keep_until) FROM messages"
+                                       " WHERE keep_until >= ? AND finished = 1", (now,)).fetchone()
+            late = conn.execute("SELECT count(*) FROM messages m WHERE NOT EXISTS"
+                                " (SELECT 1 FROM copies c WHERE c.queue_id = m.queue_id)").fetchone()[0]
+            quarantined, since = conn.execute(
+                "SELECT count(*), min(next_at) FROM copies WHERE state = 'quarantined'").fetchone()
+            return RetentionReport(finished, oldest, kept, until, late, quarantined, since)
+
+        return await self._submit(query)
 
     # --- the operator's view and hands ------------------------------------------------------
     async def story(self, key: str) -> Story | None:
@@ -373,9 +418,9 @@ class SqliteStore:
         return await self._submit(lambda conn: _copies(
             conn, f"{where} ORDER BY c.queue_id, c.id LIMIT ?", (*(states or ()), limit)))
 
-    async def flush(self, now: float) -> int:
-        return await self._submit(lambda conn: conn.execute(
-            "UPDATE copies SET next_at = ? WHERE state = 'queued'", (now,)).rowcount)
+    async def flush(self, now: float, *, queue_id: str | None = None, dest: str | None = None) -> int:
+        events: list[Event] = []
+        return await self._submit(lambda conn: queue_sql.flush(conn, now, queue_id, dest, events), events=events)
 
     async def hold(self, queue_id: str, now: float) -> int:
         return await self._operator(queue_id, now, "held", "held", "('queued')",
@@ -385,36 +430,94 @@ class SqliteStore:
         return await self._operator(queue_id, now, "queued", "released", "('held', 'quarantined')",
                                     "held or quarantined copies queued again by the operator")
 
-    async def delete(self, queue_id: str, now: float) -> int:
-        return await self._operator(queue_id, now, "deleted", "deleted", "('queued', 'held', 'quarantined')",
-                                    "copies deleted by the operator")
+    async def delete(self, queue_id: str, now: float, *, refuse_in_flight: bool = False) -> int | InFlight:
+        events: list[Event] = []
+
+        def change(conn: sqlite3.Connection) -> int | InFlight:
+            busy = queue_sql.in_flight(conn, queue_id) if refuse_in_flight else ()
+            if busy:
+                return InFlight(busy)
+            return self._change(conn, queue_id, now, "deleted", "deleted", "('queued', 'held', 'quarantined')",
+                                "copies deleted by the operator", events)
+
+        return await self._submit(change, events=events)
 
     async def _operator(self, queue_id: str, now: float, state: CopyState, kind: str, from_states: str,
                         what: str) -> int:
         events: list[Event] = []
+        return await self._submit(lambda conn: self._change(conn, queue_id, now, state, kind, from_states, what,
+                                                            events), events=events)
 
-        def change(conn: sqlite3.Connection) -> int:
-            count = conn.execute(
-                "UPDATE copies SET state=?, attempts=0, first_failure=NULL, next_at=?"
-                f" WHERE queue_id=? AND state IN {from_states}", (state, now, queue_id)).rowcount
-            if not count:
-                return 0
-            events.append(Event(now, queue_id, None, kind, "", f"{count} {what}"))  # type: ignore[arg-type]
-            _insert_events(conn, events)
-            if state == "queued":
-                conn.execute("UPDATE messages SET finished=0 WHERE queue_id=?", (queue_id,))
-            elif state == "deleted":
-                conn.execute("UPDATE messages SET finished=1, keep_until=NULL WHERE queue_id=?", (queue_id,))
-                self._remove_unless_held(conn, queue_id)
-            return count
+    def _change(self, conn: sqlite3.Connection, queue_id: str, now: float, state: CopyState, kind: str,
+                from_states: str, what: str, events: list[Event]) -> int:
+        """One of the operator's changes, in the writer's transaction; `events` gets its event."""
+        count = conn.execute(
+            "UPDATE copies SET state=?, attempts=0, first_failure=NULL, next_at=?"
+            f" WHERE queue_id=? AND state IN {from_states}", (state, now, queue_id)).rowcount
+        if not count:
+            return 0
+        events.append(Event(now, queue_id, None, kind, "", f"{count} {what}"))  # type: ignore[arg-type]
+        _insert_events(conn, events)
+        if state == "queued":
+            conn.execute("UPDATE messages SET finished=0, finished_at=NULL WHERE queue_id=?", (queue_id,))
+        elif state == "deleted":
+            conn.execute("UPDATE messages SET finished=1, keep_until=NULL, finished_at=? WHERE queue_id=?",
+                         (now, queue_id))
+            self._remove_unless_held(conn, queue_id)
+        return count
 
-        return await self._submit(change, events=events)
+    # --- the queue tools (issue 12): attempt marks, listing, requeue; SQL in `store.sqlite_queue`
+    def started(self, copy_ids: Sequence[int], now: float) -> None:
+        """The scheduler starts an attempt with these copies: mark them (queued ones only), so
+        `queue delete` can refuse them. The mark rides with the next transaction, or gets one
+        of its own after `_MARK_AFTER`: an attempt over sooner (most) costs no commit of its
+        own, its update carries mark and clear together."""
+        if not self._marks:
+            asyncio.get_running_loop().call_later(_MARK_AFTER, self._queue_marks)
+        self._marks.append((copy_ids, now))
+
+    def _queue_marks(self) -> None:
+        """Queue the marks held so far as one op, ahead of whatever is queued after it."""
+        marks, self._marks = self._marks, []
+        if not marks:
+            return
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_marks_failed)
+        self._pending.append(_Op(lambda conn: sum(queue_sql.mark_started(conn, ids, at) for ids, at in marks),
+                                 future, False, ()))
+        self._wake.set()
+
+    async def listing(self, query: QueueQuery) -> QueueListing:
+        return await self._submit(lambda conn: queue_sql.listing(conn, query, _copies))
+
+    async def requeue(self, queue_id: str, now: float) -> int | BytesGone:
+        events: list[Event] = []
+        return await self._submit(lambda conn: queue_sql.requeue(
+            conn, queue_id, now, lambda q: self.spool.path(q).exists(), events), events=events)
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
         self._conn.close()
         if self._audit is not None:
             self._audit.close()
+
+
+def _settle_expired(conn: sqlite3.Connection, queue_id: str, now: float) -> bool:
+    """A message lost a quarantined copy to retention: when nothing is left to deliver it is
+    finished now (kept `retention` from now for `trace`). True when its bytes may go now (not
+    kept for late bounces any more)."""
+    if conn.execute(f"SELECT 1 FROM copies WHERE queue_id = ? AND state NOT IN {_FINAL} LIMIT 1",
+                    (queue_id,)).fetchone() is not None:
+        return False
+    conn.execute("UPDATE messages SET finished = 1, finished_at = ? WHERE queue_id = ?", (now, queue_id))
+    row = conn.execute("SELECT keep_until FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
+    return row is not None and (row[0] is None or row[0] < now)
+
+
+def _marks_failed(marked: asyncio.Future[int]) -> None:
+    """Marks that did not commit cost only `queue delete`'s refusal during those attempts."""
+    if not marked.cancelled() and marked.exception() is not None:
+        log.warning("attempts not marked in flight: %s", marked.exception())
 
 
 def _insert_events(conn: sqlite3.Connection, events: Sequence[Event]) -> None:

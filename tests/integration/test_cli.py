@@ -34,27 +34,48 @@ def test_a_missing_config_file_is_exit_1_and_bad_usage_exit_2(tmp_path: Path) ->
     assert cli("check").returncode == 2
 
 
-def test_route_explains_where_mail_goes(tmp_path: Path) -> None:
+def test_route_explains_where_mail_goes_and_exits_1_for_an_address_it_refuses(tmp_path: Path) -> None:
     path = str(write_config(tmp_path))
     accepted = cli("route", "--config", path, "Ituki+news@example.com")
     assert accepted.returncode == 0
     assert "accepted (forward rule ituki@example.com (plus-address))" in accepted.stdout
-    refused = cli("route", "--config", path, "nobody@example.com")
-    assert "550 5.1.1" in refused.stdout
+    refused = cli("route", "--config", path, "nobody@example.com")  # issue 12: a refusal is not success
+    assert refused.returncode == 1 and "550 5.1.1" in refused.stdout
+    relay = cli("route", "--config", path, "someone@elsewhere.example")
+    assert relay.returncode == 1 and "554 5.7.1" in relay.stdout
     assert cli("route", "--config", path, "not an address").returncode == 1
 
 
-def test_trace_of_an_unknown_message_is_exit_1(tmp_path: Path) -> None:
+def test_trace_errors_are_one_prefixed_line_on_stderr(tmp_path: Path) -> None:
     path = str(write_config(tmp_path))
-    assert cli("trace", "--config", path, "NOSUCHID").returncode == 1  # no queue yet
+    unknown = cli("trace", "--config", path, "NOSUCHID")  # no queue yet
+    assert unknown.returncode == 1 and unknown.stdout == ""
+    assert unknown.stderr == "maildetour: no message with queue id or Message-ID 'NOSUCHID'\n"
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "queue.sqlite3").write_text("not a database")  # issue 12: no traceback
+    damaged = cli("trace", "--config", path, "NOSUCHID")
+    assert damaged.returncode == 1 and damaged.stdout == ""
+    assert damaged.stderr.startswith("maildetour: ") and "cannot read the queue" in damaged.stderr
+    assert len(damaged.stderr.splitlines()) == 1
 
 
-def test_passwd_prints_a_scrypt_hash_that_verifies(tmp_path: Path) -> None:
+def test_passwd_prints_a_hash_dovecot_reads_too_that_verifies(tmp_path: Path) -> None:
     result = cli("passwd", stdin="s3cret\n")
     assert result.returncode == 0
     encoded = result.stdout.strip()
-    assert encoded.startswith("scrypt$") and verify_password(encoded, "s3cret")
+    assert encoded.startswith("{ARGON2ID}$argon2id$") and verify_password(encoded, "s3cret")
     assert not verify_password(encoded, "other")
+
+
+def test_dkim_keygen_refuses_bad_bits_in_one_line(tmp_path: Path) -> None:
+    path = str(write_config(tmp_path, SEED + '\n[signing]\ndomain = "example.com"\nselector = "md1"\n'
+                                           'dkim_key = "dkim.key"\n'))
+    for bits in ("512", "8192"):
+        result = cli("dkim", "keygen", "--config", path, "--bits", bits)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr == (f"maildetour: --bits {bits}: DKIM RSA keys are 1024 to 4096 bits (RFC 8301: "
+                                 "verifiers refuse shorter ones and need not take longer ones)\n")
+    assert not (tmp_path / "dkim.key").exists()
 
 
 def test_serve_on_a_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:

@@ -192,9 +192,9 @@ def test_a_held_copy_waits_out_flushes_until_released_and_a_deleted_one_is_never
         for queue_id in (held_id, gone_id):
             server.wait_event(queue_id, "deferred", target="ituki-ex@gmail.com")
         hold = server.cli("queue", "--hold", held_id)
-        assert hold.returncode == 0 and "held 1 copies" in hold.stdout
+        assert hold.returncode == 0 and "held 1 copy of" in hold.stdout
         delete = server.cli("queue", "--delete", gone_id)
-        assert delete.returncode == 0 and "deleted 1 copies" in delete.stdout
+        assert delete.returncode == 0 and "deleted 1 copy of" in delete.stdout
         assert server.cli("queue", "--hold", gone_id).returncode == 1  # nothing queued is left
         listing = server.cli("queue").stdout
         assert "held" in listing and gone_id not in listing
@@ -202,7 +202,7 @@ def test_a_held_copy_waits_out_flushes_until_released_and_a_deleted_one_is_never
         time.sleep(1.0)  # a flushed server would try both now: neither goes
         assert gmail.data_attempts == 2 and gmail.messages == []
         released = server.cli("queue", "--release", held_id)
-        assert released.returncode == 0 and "released 1 copies" in released.stdout
+        assert released.returncode == 0 and "released 1 copy of" in released.stdout
         [received] = gmail.wait_for(1, timeout=15)
         assert b"Subject: hold me" in received.data
         events = server.wait_event(held_id, "delivered", target="ituki-ex@gmail.com")
@@ -225,7 +225,7 @@ def test_a_quarantined_copy_can_be_released_once_the_cause_is_fixed(tmp_path: Pa
         # The operator gets the backup host fixed, then releases the message.
         with running_sink(host="127.0.0.3", port=port) as backup:
             released = server.cli("queue", "--release", queue_id)
-            assert released.returncode == 0 and "released 1 copies" in released.stdout
+            assert released.returncode == 0 and "released 1 copy of" in released.stdout
             [received] = backup.wait_for(1, timeout=15)
             assert b"Subject: held" in received.data
             events = server.wait_event(queue_id, "delivered", target="box@backup.example")

@@ -19,14 +19,15 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import cast
 
 import pytest
 
+from maildetour.config.model import Pop3Settings
 from maildetour.mailbox.maildir import deliver, list_messages
 from maildetour.pop3.server import Pop3Account, start_pop3
-from maildetour.config.model import Pop3Settings
 from tests.peers import need, peer_unavailable
 
 ADDRESS = "ituki@gm.example.net"
@@ -83,9 +84,10 @@ def base() -> Iterator[Path]:
         shutil.rmtree(path)
 
 
-@pytest.fixture
-def dovecot(base: Path) -> Iterator[int]:
-    """Start Dovecot on a loopback port with its own config and dirs; yield the IMAP port."""
+@contextmanager
+def plain_dovecot(base: Path, passwd: str, extra: str = "") -> Iterator[int]:
+    """Dovecot on a loopback port (IMAP, no TLS) with its config and dirs under `base`, its
+    passdb the file `base/passwd` holding `passwd`; yields the IMAP port."""
     program = need("dovecot", "dovecot-imapd")
     need("doveadm", "dovecot-core")
     if os.geteuid() != 0:
@@ -93,10 +95,10 @@ def dovecot(base: Path) -> Iterator[int]:
     mail_user = pwd.getpwnam("nobody")
     port = free_port()
     config = base / "dovecot.conf"
-    config.write_text(CONFIG.format(base=base, uid=mail_user.pw_uid, gid=mail_user.pw_gid,
-                                    port=port))
-    (base / "passwd").write_text(f"{ADDRESS}:{{PLAIN}}{PASSWORD}::::::\n")
+    config.write_text(CONFIG.format(base=base, uid=mail_user.pw_uid, gid=mail_user.pw_gid, port=port) + extra)
+    (base / "passwd").write_text(passwd)
     (base / "mailboxes").mkdir()
+    os.chown(base / "mailboxes", mail_user.pw_uid, mail_user.pw_gid)
     process = subprocess.Popen([program, "-F", "-c", str(config)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -109,6 +111,13 @@ def dovecot(base: Path) -> Iterator[int]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture
+def dovecot(base: Path) -> Iterator[int]:
+    """Dovecot serving our Maildirs' owner with a plain password; the IMAP port."""
+    with plain_dovecot(base, f"{ADDRESS}:{{PLAIN}}{PASSWORD}::::::\n") as port:
+        yield port
 
 
 def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:

@@ -157,6 +157,40 @@ def test_a_flood_from_one_address_does_not_lock_out_the_owner(tmp_path: Path) ->
     asyncio.run(scenario())
 
 
+def test_a_flood_from_many_addresses_pushes_itself_out_not_the_owner(tmp_path: Path) -> None:
+    """Found by the reliability run: ten addresses, each within its own cap, held every slot
+    and the owner was refused. Now a newcomer closes the oldest connection not logged in of
+    the address holding the most, so the owner (holding none) gets in and logs in."""
+    root = tmp_path / "box"
+    deliver(root, MESSAGE)
+    settings = Pop3Settings(failed_login_delay=0, max_connections=20, max_unauthenticated_per_client=2)
+
+    async def connect_from(server: Pop3Server, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection(*server.addresses[0], local_addr=(source, 0))
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"+OK")
+        return reader, writer
+
+    async def scenario() -> None:
+        async with pop3(root, settings) as server:
+            flood = [await connect_from(server, f"127.0.1.{n}") for n in range(1, 11) for _ in range(2)]
+            assert len(server._service.connections) == 20  # every slot taken, each address at its cap
+            assert await asyncio.to_thread(owner_logs_in, server) == 1
+            pushed_out = [r for r, _ in flood if r.at_eof() or await _closed_soon(r)]
+            assert len(pushed_out) == 1  # one flooder made room; the rest still hold theirs
+            for _, writer in flood:
+                writer.close()
+
+    asyncio.run(scenario())
+
+
+async def _closed_soon(reader: asyncio.StreamReader) -> bool:
+    try:
+        data = await asyncio.wait_for(reader.read(), 0.2)
+    except TimeoutError:
+        return False
+    return data in (b"", TOO_MANY)
+
+
 def test_ipv6_clients_are_counted_by_their_slash_64(tmp_path: Path) -> None:
     """Issue 10 #8: a host owns its whole /64; the cap counts the /64, not each address."""
     try:

@@ -1,4 +1,4 @@
-"""A real dnsmasq serving test DNS records (MX, A, TXT) on a loopback port.
+"""A real dnsmasq serving test DNS records (MX, A, TXT, PTR) on a loopback port.
 
 What it does: `running_dnsmasq(workdir, records)` writes `workdir/dnsmasq.conf`, runs
 `dnsmasq --conf-file=... --no-daemon` (foreground, no pid file, no user change), waits until it
@@ -12,8 +12,11 @@ Contract:
 - for each zone (`local=/zone/`), a name without a record of any type gets NXDOMAIN; a name with
   records of other types gets NOERROR with no answer (NODATA);
 - records: `mx-host` (exchange "." gives the RFC 7505 null MX "0 ."), `host-record` (A, plus
-  its PTR), `txt-record` (text longer than 255 bytes is split into several character-strings
-  of at most 255 bytes; DNS clients join them, as DKIM verifiers do). TTL is 0.
+  its PTR), `ptr-record` (a PTR of its own for an IPv4 address; it wins over the one a
+  `host-record` makes, so a test can make reverse and forward DNS disagree), `txt-record`
+  (text longer than 255 bytes is split into several character-strings of at most 255 bytes;
+  DNS clients join them, as DKIM verifiers do). TTL is 0. A reverse zone such as
+  `2.0.192.in-addr.arpa` can be one of the zones, so an address without a PTR gets NXDOMAIN.
 - TXT text must be printable ASCII; `"` and `\\` are escaped for dnsmasq's config syntax.
 
 Exposure: test-only; loopback only. Failure: start-up problems raise RuntimeError with
@@ -55,6 +58,7 @@ class DnsRecords:
     mx: tuple[tuple[str, str, int], ...] = ()  # (domain, exchange, preference); "." = null MX
     a: tuple[tuple[str, str], ...] = ()  # (name, ipv4)
     txt: tuple[tuple[str, str], ...] = ()  # (name, text); long text is split into 255-byte strings
+    ptr: tuple[tuple[str, str], ...] = ()  # (ipv4, name): the reverse record of the address
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,12 +138,19 @@ def config_text(records: DnsRecords, *, host: str, port: int, log_path: Path) ->
         target = "." if exchange in (".", "") else _name(exchange)
         lines.append(f"mx-host={_name(domain)},{target},{preference}")
     for name, address in records.a:
-        if not _IPV4.fullmatch(address) or any(int(part) > 255 for part in address.split(".")):
-            raise ValueError(f"not an IPv4 address: {address!r}")
-        lines.append(f"host-record={_name(name)},{address}")
+        lines.append(f"host-record={_name(name)},{_ipv4(address)}")
+    for address, name in records.ptr:
+        reverse = ".".join(reversed(_ipv4(address).split("."))) + ".in-addr.arpa"
+        lines.append(f"ptr-record={reverse},{_name(name)}")
     for name, text in records.txt:
         lines.append(f"txt-record={_name(name)},{_txt_strings(text)}")
     return "\n".join(lines) + "\n"
+
+
+def _ipv4(address: str) -> str:
+    if not _IPV4.fullmatch(address) or any(int(part) > 255 for part in address.split(".")):
+        raise ValueError(f"not an IPv4 address: {address!r}")
+    return address
 
 
 def _name(name: str) -> str:

@@ -216,3 +216,38 @@ def test_delivery_limits_have_defaults_and_can_be_set(tmp_path: Path) -> None:
     assert changed.retry.first == 60.0 and changed.retry.longest == 3600.0
     bad = SEED.replace('relay = {', 'max_parallel_attempts = 0\nrelay = {')
     assert error_for(tmp_path, bad).key == "delivery.max_parallel_attempts"
+
+
+# --- issue 12: `check` catches the rest ---------------------------------------------------------
+@pytest.mark.parametrize("detour", ["nobody@example.com", "nobody@gm.example.net"])
+def test_a_single_detour_target_at_our_domain_that_leads_nowhere_is_an_error(tmp_path: Path, detour: str) -> None:
+    err = error_for(tmp_path, SEED.replace('detour       = "ituki@gm.example.net"', f'detour = "{detour}"'))
+    assert err.key == 'destination."ituki-ex@gmail.com".detour'
+    assert err.reason == f"{detour} is at our own domain but is neither a mailbox nor forwarded"
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:110", "[::]:110", "192.0.2.10:110", "mx.example.com:110"])
+def test_plain_pop3_off_loopback_without_tls_is_an_error_because_every_login_would_be_refused(
+        tmp_path: Path, listen: str) -> None:
+    err = error_for(tmp_path, SEED.replace('listen = ["127.0.0.1:1100"]', f'listen = ["127.0.0.1:1100", "{listen}"]'))
+    assert err.key == "pop3.listen[1]"
+    assert "every login from them is refused" in err.reason
+    assert "plaintext authentication disallowed on non-secure connections" in err.reason  # what clients would get
+
+
+@pytest.mark.parametrize("extra", ['allow_plaintext = true', 'tls_cert = "c.pem"\ntls_key = "k.pem"'])
+def test_plain_pop3_off_loopback_is_fine_with_stls_or_allow_plaintext(tmp_path: Path, extra: str) -> None:
+    listen = 'listen = ["0.0.0.0:110", "[::1]:110", "localhost:1100"]'
+    text = SEED.replace('listen = ["127.0.0.1:1100"]', f"{listen}\n{extra}")
+    assert len(seed_config(tmp_path, text).pop3.listen) == 3
+
+
+def test_password_hash_takes_what_maildetour_passwd_and_doveadm_make(tmp_path: Path) -> None:
+    from maildetour.core.password import hash_password, hash_scrypt
+
+    for encoded in (hash_password("pw"), hash_scrypt("pw")):
+        text = SEED.replace('password = "change-me"', f'password_hash = "{encoded}"', 1)
+        assert seed_config(tmp_path, text).mailboxes["ituki@pc.example.net"].password_hash == encoded
+    err = error_for(tmp_path, SEED.replace('password = "change-me"', 'password_hash = "{SHA512-CRYPT}$6$a$b"', 1))
+    assert err.key == 'mailbox."ituki@pc.example.net".password_hash'
+    assert "{SHA512-CRYPT} is not a scheme maildetour verifies" in err.reason

@@ -388,3 +388,35 @@ def test_attempts_in_flight_hold_no_more_message_bytes_than_allowed(tmp_path: Pa
 
     asyncio.run(main())
     assert slow.done == 12 and slow.peak == 4  # 100 MB / 25 MB: four at a time, all of them done
+
+
+def test_a_store_that_cannot_write_pauses_deliveries_and_the_copy_is_tried_again_when_it_can(tmp_path: Path) -> None:
+    """Found by the reliability run (a full disk): an outcome the store cannot record used to
+    end the scheduler (and the server). Now the copy is read again from the store, nothing
+    starts while the store says it cannot write, and delivery resumes when it can."""
+    config = seed_config(tmp_path, CHAIN)
+    store, clock = MemoryStore(), Clock()
+    smtp, local = ScriptedAgent(ok), ScriptedAgent(ok)
+    scheduler = scheduler_for(config, store, smtp, local, clock)
+    scheduler.store_recheck = 0.05
+
+    async def main() -> None:
+        task = asyncio.create_task(scheduler.run())
+        store.fail_update, store.problem = OSError(28, "No space left on device"), "no space left in var"
+        message = Message("Q1", "alice@sender.example", clock.now, "<m@x>", 10, "client [127.0.0.1]")
+        made = await store.accept(message, b"Subject: hi\r\n\r\nbody\r\n", [NewCopy("ituki@example.com", HIDDEN, True)],
+                                  [Event(clock.now, "Q1", None, "accepted", "", "")])
+        scheduler.submit(made)
+        await asyncio.sleep(0.5)  # many rechecks: the store still cannot write
+        assert not task.done() and len(smtp.jobs) == 1
+        assert store.copies[made[0].id].state == "queued"  # nothing recorded, nothing lost
+        store.fail_update, store.problem = None, None
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if store.copies[made[0].id].state == "delivered":
+                break
+        task.cancel()
+
+    asyncio.run(main())
+    assert len(smtp.jobs) == 2  # tried once more (at-least-once), then recorded
+    assert [c.state for c in store.copies.values()] == ["delivered"]
