@@ -28,6 +28,7 @@ from maildetour.command_base import fail, server_pid, with_store
 from maildetour.config.model import Config
 from maildetour.store.listing import BytesGone, InFlight, QueueListing, QueueQuery
 from maildetour.store.records import CopyState, Story
+from maildetour.store.retention import RetentionReport
 from maildetour.store.sqlite import SqliteStore
 
 
@@ -60,13 +61,19 @@ def list_queue(config: Config, *, states: tuple[CopyState, ...] | None, dest: st
     now = time.time()
     query = QueueQuery(states=states, dest=dest, received_before=None if older_than is None else now - older_than,
                        limit=limit, newest_first=newest_first)
-    listing = with_store(config, lambda store: store.listing(query), readonly=True)
+    async def work(store: SqliteStore) -> tuple[QueueListing, RetentionReport]:
+        return await store.listing(query), await store.retention_report(now)
+
+    found = with_store(config, work, readonly=True)
+    listing, kept = found if found is not None else (None, None)
     if listing is None or not listing.matched_messages:
         filtered = dest is not None or older_than is not None or states not in (None, QueueQuery().states)
         if filtered:
             return fail("no copies match")
         if not as_json:
             print("queue is empty")
+            if kept is not None:
+                print(report.kept(kept, now, config.store))
         return 0
     listing = _without_stale_marks(listing, server_pid(config) is not None)
     if as_json:
@@ -76,6 +83,8 @@ def list_queue(config: Config, *, states: tuple[CopyState, ...] | None, dest: st
             print(f"maildetour: {report.truncation(listing)}", file=sys.stderr)
     else:
         print(report.queue_listing(listing, now))
+        assert kept is not None
+        print(report.kept(kept, now, config.store))
     return 0
 
 

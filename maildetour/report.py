@@ -13,11 +13,12 @@ import json
 from datetime import datetime, timezone
 from typing import Mapping
 
-from maildetour.config.model import Config, ImapAccount
+from maildetour.config.model import Config, ImapAccount, StoreConfig
 from maildetour.core.destinations import IMAP_PREFIX, detour_chain, is_imap
 from maildetour.core.routing import Accept, Route, RoutingTable
 from maildetour.store.listing import REPLY_KINDS, ListedCopy, QueueListing
 from maildetour.store.records import Event, Story
+from maildetour.store.retention import RetentionReport
 
 
 def _when(at: float) -> str:
@@ -168,6 +169,26 @@ def queue_listing(listing: QueueListing, now: float) -> str:
     if listing.truncated:
         lines.append(truncation(listing))
     return "\n".join(lines)
+
+
+def kept(report: RetentionReport, now: float, store: StoreConfig) -> str:
+    """What the store keeps beyond the queue, for `maildetour queue` (issue 12): finished
+    messages (for `trace`), bytes kept for late bounces, late bounces, quarantined copies."""
+    def after(seconds: float | None) -> str:
+        return "kept for ever" if seconds is None else f"removed {age(seconds)} after"
+
+    parts = [f"{_plural(report.finished, 'finished message')}"
+             + (f" (oldest finished {age(now - report.oldest_finished)} ago; {after(store.retention)})"
+                if report.oldest_finished is not None else "")]
+    if report.kept_for_late_bounces:
+        parts.append(f"{report.kept_for_late_bounces} with their bytes kept for late bounces"
+                     + (f" until {_second(report.kept_until)}" if report.kept_until is not None else ""))
+    parts.append(_plural(report.late_bounces, "late bounce"))
+    parts.append(_plural(report.quarantined, "quarantined copy", "quarantined copies")
+                 + (f" (the oldest waiting {age(now - report.oldest_quarantined)}; "
+                    f"{after(store.quarantine_retention).replace('removed', 'deleted')})"
+                    if report.oldest_quarantined is not None else ""))
+    return "-- kept beyond the queue: " + ", ".join(parts) + "."
 
 
 def truncation(listing: QueueListing) -> str:

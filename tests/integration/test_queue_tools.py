@@ -4,6 +4,7 @@ limit), that each action reaches the running server and only the copies it names
 in flight is not deleted, and that every action is in `trace`."""
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -47,7 +48,9 @@ def test_the_listing_shows_each_deferred_copy_with_its_last_reply_and_the_totals
         assert "ituki-ex@gmail.com  queued, 1 attempt, next attempt " in text
         assert "for ituki@example.com" in text and "<alice@sender.example>" in text
         assert "(deferred " in text and "attempt 1: 451 4.3.0 try again later)" in text
-        assert text.rstrip().endswith("in 2 messages, 2 copies.")
+        totals, kept = text.rstrip().splitlines()[-2:]
+        assert totals.endswith("in 2 messages, 2 copies.")
+        assert kept == "-- kept beyond the queue: 0 finished messages, 0 late bounces, 0 quarantined copies."
         assert server.cli("queue", "list").stdout == text  # `queue` alone is `queue list`
 
         everything = server.cli("queue", "list", "--all").stdout
@@ -57,7 +60,7 @@ def test_the_listing_shows_each_deferred_copy_with_its_last_reply_and_the_totals
         cut = server.cli("queue", "list", "--all", "--limit", "1")
         assert cut.returncode == 0 and second in cut.stdout and first not in cut.stdout
         assert "in 2 messages, 4 copies." in cut.stdout  # the totals count what the limit left out
-        assert cut.stdout.rstrip().endswith("... 1 of 2 messages shown; --limit to see more")
+        assert cut.stdout.rstrip().splitlines()[-2] == "... 1 of 2 messages shown; --limit to see more"
         cut_json = server.cli("queue", "list", "--json", "--all", "--limit", "1")  # stdout stays JSON lines
         assert [json.loads(line)["queue_id"] for line in cut_json.stdout.splitlines()] == [second]
         assert cut_json.stderr == "maildetour: ... 1 of 2 messages shown; --limit to see more\n"
@@ -232,3 +235,25 @@ def test_requeue_sends_a_quarantined_copy_back_to_its_first_target_and_show_show
         again = server.cli("queue", "requeue", queue_id)  # delivered now: nothing to requeue
         assert (again.returncode, again.stderr) == (
             1, f"maildetour: no quarantined, bounced or failed copies of {queue_id}\n")
+
+
+def test_the_listing_says_what_is_kept_beyond_the_queue(tmp_path: Path) -> None:
+    """Issue 12: finished messages (kept for `trace` until `[store] retention`) and quarantined
+    copies (until `quarantine_retention`) are reported by `queue`, with when they go."""
+    with running_server(tmp_path, extra='[forward."pc@example.com"]\nto = ["ituki@pc.example.net"]\n') as server:
+        delivered = server.send(message("delivered", to="pc@example.com"), to=("pc@example.com",))
+        server.wait_event(delivered, "delivered")
+        looping = message("loop", to="pc@example.com",
+                          extra_headers="".join(f"Received: from hop{n}.example\r\n" for n in range(60)))
+        server.send(looping, to=("pc@example.com",))  # over max_received: quarantined at once
+        deadline = time.monotonic() + 15
+        while True:
+            listed = server.cli("queue")
+            kept = listed.stdout.rstrip().splitlines()[-1]
+            if kept.startswith("-- kept beyond the queue: 1 finished message ") or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    assert listed.returncode == 0, listed.stderr
+    assert kept.startswith("-- kept beyond the queue: 1 finished message (oldest finished "), kept
+    assert "ago; removed 30d00h after)" in kept and ", 0 late bounces, " in kept
+    assert re.search(r", 1 quarantined copy \(the oldest waiting \d+s; deleted 90d00h after\)\.$", kept), kept
