@@ -1,6 +1,7 @@
 """The audit log: every committed event as one JSON line, in state_dir/audit.jsonl.
 
-Blocking (called from the store's writer thread). Internal; operator-facing (lines name hidden
+Blocking (called from the store's writer thread; `reopen` also from the event loop's, so a lock
+keeps the two apart: a SIGHUP during a write once closed the file under it). Internal; operator-facing (lines name hidden
 addresses; nothing here reaches a sender). Each line: `time` (ISO 8601, UTC, microseconds),
 `queue_id`, `copy`, `event`, `target`, `detail`. Survives log rotation: when the file was moved
 or removed (logrotate's default `create` mode), the next write opens a new one at the path, and
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, TextIO
@@ -23,6 +25,7 @@ from maildetour.store.records import Event
 class AuditLog:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._lock = threading.Lock()
         self._file: TextIO = self._open()
 
     def _open(self) -> TextIO:
@@ -35,17 +38,23 @@ class AuditLog:
         }) + "\n" for e in events]
         if not lines:
             return
-        if self._replaced():
-            self.reopen()
-        self._file.writelines(lines)
-        self._file.flush()
+        with self._lock:
+            if self._replaced():
+                self._reopen()
+            self._file.writelines(lines)
+            self._file.flush()
 
     def reopen(self) -> None:
+        with self._lock:
+            self._reopen()
+
+    def _reopen(self) -> None:
         self._file.close()
         self._file = self._open()
 
     def close(self) -> None:
-        self._file.close()
+        with self._lock:
+            self._file.close()
 
     def _replaced(self) -> bool:
         try:

@@ -196,6 +196,8 @@ class SqliteStore:
             self._log(e for op, (ok, _) in zip(batch, results) if ok for e in op.events)
         except OSError as exc:  # a full disk must not stop the writer: the database has them
             log.error("audit log not written (%s): the events are in the queue database", exc.strerror or exc)
+        except Exception:  # nor a bug in the audit log
+            log.exception("audit log not written: the events are in the queue database")
         return results
 
     def _log(self, events: Any) -> None:

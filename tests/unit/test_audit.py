@@ -1,6 +1,7 @@
 """store.audit: one JSON line per event, ISO 8601 times, and a new file after rotation."""
 
 import json
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,3 +37,31 @@ def test_a_rotated_log_is_followed_by_a_new_file(tmp_path: Path) -> None:
     log.close()
     assert [json.loads(l)["queue_id"] for l in (tmp_path / "audit.jsonl.1").read_text().splitlines()] == ["Q1"]
     assert [json.loads(l)["queue_id"] for l in path.read_text().splitlines()] == ["Q2", "Q3"]
+
+
+def test_reopen_from_another_thread_during_writes_loses_no_line(tmp_path: Path) -> None:
+    """The CI run found it: SIGHUP's reopen (event loop thread) closed the file while the
+    store's writer thread wrote to it, and the server died. Every line is in one of the files."""
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    events = [Event(1_800_000_000.0, f"Q{n}", n, "delivered", "a@example.com", "") for n in range(2000)]
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            for event in events:
+                audit.write([event])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    reopened = 0
+    while thread.is_alive():
+        (tmp_path / "audit.jsonl").rename(tmp_path / f"audit.jsonl.{reopened}")
+        audit.reopen()
+        reopened += 1
+    thread.join()
+    audit.close()
+    assert errors == [] and reopened > 1
+    lines = [line for f in tmp_path.iterdir() for line in f.read_text().splitlines()]
+    assert sorted(json.loads(line)["queue_id"] for line in lines) == sorted(f"Q{n}" for n in range(2000))
