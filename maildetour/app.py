@@ -207,7 +207,10 @@ class App:
             return False
         async with self._reloading:
             reloading("reloading the config")
-            parts.store.reopen_audit_log()
+            try:
+                parts.store.reopen_audit_log()
+            except OSError as exc:  # e.g. logrotate made the new file with another owner
+                log.error("audit log not reopened, still writing the old file: %s", exc)
             try:
                 config = load_config(self.config.path)
                 if config.server.state_dir != self.config.server.state_dir:

@@ -54,7 +54,7 @@ _NAMED: dict[str, tuple[replies.Reply, ...]] = {
     "bare_newline": (replies.BARE_CR_LF, replies.BARE_LF_COMMAND),
     "line_too_long": (replies.LINE_TOO_LONG,),
     "too_many_connections": (replies.TOO_MANY_SESSIONS, replies.CLIENT_SESSIONS, replies.CLIENT_CONNECTION_RATE),
-    "session_limit": (replies.NO_PROGRESS, replies.SESSION_TIME, replies.SESSION_REFUSED),
+    "session_limit": (replies.NO_PROGRESS, replies.SESSION_TIME, replies.SESSION_REFUSED, replies.DATA_TOO_SLOW),
     "rate_limit": (replies.CLIENT_REFUSED, replies.CLIENT_MESSAGE_RATE, replies.CLIENT_RECIPIENT_RATE,
                    replies.DOMAIN_MESSAGE_RATE, replies.DOMAIN_RECIPIENT_RATE),
     "no_storage": (replies.NO_STORAGE,),

@@ -112,6 +112,13 @@ def _positive_int(t: Table, sub: str, default: int) -> int:
     return value
 
 
+def _non_negative_int(t: Table, sub: str, default: int) -> int:
+    value = t.get(sub, int, default)
+    if value < 0:
+        raise ConfigError(t.name(sub), f"must be 0 or more, got {value}")
+    return value
+
+
 def _size_or_zero(key: str, value: object) -> int:
     """A size, or 0 to switch the thing off."""
     return 0 if value == 0 or value == "0" else parse_size(key, value)
@@ -189,6 +196,7 @@ def _smtp(t: Table, base: Path) -> SmtpConfig:
         data_timeout=t.convert("data_timeout", parse_duration, d.data_timeout),
         max_line_length=_positive_int(t, "max_line_length", d.max_line_length),
         max_bytes_receiving=t.convert("max_bytes_receiving", parse_size, d.max_bytes_receiving),
+        min_data_rate=_non_negative_int(t, "min_data_rate", d.min_data_rate),
         tls_cert=cert,
         tls_key=key,
         max_sessions_per_client=per_client,

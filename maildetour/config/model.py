@@ -56,6 +56,10 @@ class SmtpConfig:
     # a DATA beyond it waits for room, then 452 4.3.1 (inbound.data_budget). Receiving holds
     # about three times this in memory at worst; one message always goes.
     max_bytes_receiving: int = 128 * MB
+    # Bytes a second a DATA phase must average after its first 30 s (0: no floor), like
+    # Postfix's smtpd_min_data_rate (500): a client trickling its message cannot hold a slot
+    # of max_bytes_receiving for data_timeout. Then 421 4.4.2 and the connection closes.
+    min_data_rate: int = 500
     tls_cert: Path | None = None
     tls_key: Path | None = None
     # --- Per-client limits (inbound.limits). A client is an IPv4 address or an IPv6 /64. ---

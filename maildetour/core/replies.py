@@ -39,6 +39,8 @@ INTERNAL_ERROR = Reply(451, "4.3.0 Internal error, please try again later")
 TOO_MANY_SESSIONS = Reply(421, "4.7.0 Too many connections, please try again later")
 # The store could not write (disk full: ENOSPC, EDQUOT, SQLITE_FULL): nothing was accepted.
 NO_STORAGE = Reply(452, "4.3.1 Insufficient system storage, please try again later")
+# DATA slower than `[smtp] min_data_rate` (Postfix's smtpd_min_data_rate): the connection closes.
+DATA_TOO_SLOW = Reply(421, "4.4.2 Data too slow, closing connection")
 # A command line that ends in a bare LF or holds a bare CR: the client and we might disagree
 # on where a command ends, so we answer like Postfix's smtpd_forbid_bare_newline and hang up.
 BARE_LF_COMMAND = Reply(521, "5.5.2 Bare CR or LF in a command line; use CRLF. Closing connection")

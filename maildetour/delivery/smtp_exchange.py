@@ -40,6 +40,10 @@ from maildetour.delivery.smtp_errors import Disconnected
 from maildetour.delivery.smtp_pipeline import MalformedReply, Reply, ReplyParser
 
 
+# `send` hands the transport this much at a time, and waits while its buffer is full.
+_SLICE = 1 << 20
+
+
 class Exchange(asyncio.Protocol):
     """The protocol on a borrowed transport: replies in order, none dropped."""
 
@@ -51,18 +55,45 @@ class Exchange(asyncio.Protocol):
         self._owed = 0  # replies asked for and not yet received
         self._error: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._paused = False  # the transport's buffer is above its high-water mark
+        self._drained: asyncio.Future[None] | None = None
         self.lost = False
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
 
     @property
     def idle(self) -> bool:
         """Nothing unread, nothing owed, nothing wrong: the session may be used again."""
         return not (self._replies or self._owed or self._parser.pending or self._error or self.lost)
 
-    def write(self, data: bytes, replies: int) -> None:
+    def write(self, data: bytes | memoryview, replies: int) -> None:
         if self.lost or self._transport.is_closing():
             raise Disconnected()
         self._owed += replies
         self._transport.write(data)
+
+    async def send(self, data: bytes, replies: int, timeout: float) -> None:
+        """`write`, a slice at a time, each taken by the kernel within `timeout` (RFC 5321
+        4.5.3.2.5's data block limit): the wait for the reply then starts when the last byte is
+        on its way, not while a large message still sits in our buffer behind a slow link."""
+        if len(data) <= _SLICE:
+            self.write(data, replies)
+            return
+        view = memoryview(data)
+        for start in range(0, len(data), _SLICE):
+            end = start + _SLICE
+            self.write(view[start:end], replies if start == 0 else 0)  # owed at once: a reply may come early
+            if self._paused:
+                self._drained = asyncio.get_running_loop().create_future()
+                try:
+                    async with asyncio.timeout(timeout):
+                        await self._drained
+                finally:
+                    self._drained = None
+                if self._error is not None:
+                    raise self._error
 
     async def reply(self, timeout: float) -> Reply:
         """The next reply, in the order the commands were written."""
@@ -78,6 +109,14 @@ class Exchange(asyncio.Protocol):
         raise cast(Exception, self._error)
 
     # asyncio.Protocol
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
     def data_received(self, data: bytes) -> None:
         if self._error is not None:
             return
@@ -110,6 +149,8 @@ class Exchange(asyncio.Protocol):
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)  # `send` sees the error
 
 
 @contextmanager
@@ -125,3 +166,5 @@ def borrow(smtp: SMTP) -> Iterator[Exchange]:
     finally:
         if not exchange.lost:
             transport.set_protocol(previous)
+            if exchange.paused and isinstance(previous, asyncio.Protocol):
+                previous.pause_writing()  # its resume_writing will come to aiosmtplib

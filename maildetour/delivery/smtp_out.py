@@ -208,7 +208,7 @@ class SmtpAgent:
             step: Step = transaction.start()
             while not isinstance(step, Finished):
                 if isinstance(step, Send):
-                    exchange.write(step.data, step.replies)
+                    await exchange.send(step.data, step.replies, self._command_timeout)
                 slow = transaction.waiting in (Stage.DATA, Stage.MESSAGE, Stage.EMPTY)
                 reply = await exchange.reply(self._data_timeout if slow else self._command_timeout)
                 session.unchecked = False

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import re
 import ssl
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, cast
 
 from aiosmtpd.smtp import SMTP
 
@@ -66,6 +66,9 @@ class _Refusal(Exception):
 # How long a DATA waits for room in the budget before 452 (RFC 5321 4.5.3.2.2: a client waits
 # at least 2 minutes for the reply to DATA).
 _DATA_BUDGET_WAIT = 60.0
+# The first seconds of DATA are free of `min_data_rate`; after them a session must have sent
+# at least `min_data_rate` bytes a second on average (then 421 4.4.2 and the connection closed).
+_DATA_RATE_GRACE = 30.0
 
 
 def _declared_size(mail_options: list[str]) -> int | None:
@@ -90,6 +93,7 @@ class Session(SMTP):
         self._metrics = metrics  # every refusal we send is counted here, and only here
         self._data_timeout = data_timeout
         self._data_started: float | None = None
+        self._data_bytes = 0  # received since DATA began (for `min_data_rate`)
         self._held: list[str] = []
         self._on_close = on_close
         self._clients = clients
@@ -115,8 +119,8 @@ class Session(SMTP):
                     log.warning("refused a connection from %s: %s", host, refusal.text)
                     if self._metrics is not None:
                         self._metrics.refused(str(refusal))
-                    assert isinstance(transport, asyncio.WriteTransport)
-                    transport.write(f"{refusal}\r\n".encode())
+                    # uvloop's transports are not asyncio.WriteTransport subclasses: cast, not isinstance
+                    cast(asyncio.WriteTransport, transport).write(f"{refusal}\r\n".encode())
                     transport.close()
                     return
                 self._client = key
@@ -219,8 +223,18 @@ class Session(SMTP):
     # --- the idle timer during DATA -----------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         if self._data_started is not None:
-            if self.loop.time() - self._data_started > self._data_timeout:
+            elapsed = self.loop.time() - self._data_started
+            self._data_bytes += len(data)
+            rate = self._limits.min_data_rate  # Postfix's smtpd_min_data_rate: a trickle holds no budget
+            too_slow = rate > 0 and elapsed > _DATA_RATE_GRACE + self._data_bytes / rate
+            if elapsed > self._data_timeout or too_slow:
                 if self.transport is not None:
+                    if too_slow:
+                        log.info("%s: DATA slower than %d bytes/s; 421", self.session.peer if self.session else "?",
+                                 rate)
+                        if self._metrics is not None:
+                            self._metrics.refused(str(replies.DATA_TOO_SLOW))
+                        cast(asyncio.WriteTransport, self.transport).write(str(replies.DATA_TOO_SLOW).encode() + b"\r\n")
                     self.transport.close()
                 return
             self._reset_timeout()  # moving data keeps the session alive
@@ -238,7 +252,7 @@ class Session(SMTP):
                 return
             if declared is not None:  # what the reservation covers, with room for dot-stuffing
                 self.data_size_limit = min(self._max_size, declared + declared // 10 + 65536)
-        self._data_started = self.loop.time()
+        self._data_started, self._data_bytes = self.loop.time(), 0
         try:
             await super().smtp_DATA(arg)
         finally:
@@ -287,8 +301,8 @@ class _TooBusy(asyncio.Protocol):
     """Says 421 to a client over the session limit, then closes."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(f"{replies.TOO_MANY_SESSIONS}\r\n".encode())
+        cast(asyncio.WriteTransport, transport).write(  # uvloop's are no subclass: no isinstance
+            f"{replies.TOO_MANY_SESSIONS}\r\n".encode())
         transport.close()
 
 

@@ -1,8 +1,10 @@
 """The audit log: every committed event as one JSON line, in state_dir/audit.jsonl.
 
 Blocking (called from the store's writer thread; `reopen` also from the event loop's, so a lock
-keeps the two apart: a SIGHUP during a write once closed the file under it). Internal; operator-facing (lines name hidden
-addresses; nothing here reaches a sender). Each line: `time` (ISO 8601, UTC, microseconds),
+keeps the two apart: a SIGHUP during a write once closed the file under it). The main process
+and each SMTP intake worker append to the same file: every batch is one write(2) in append mode,
+so their lines never mix. Internal; operator-facing (lines name hidden addresses; nothing here
+reaches a sender). Each line: `time` (ISO 8601, UTC, microseconds),
 `queue_id`, `copy`, `event`, `target`, `detail`. Survives log rotation: when the file was moved
 or removed (logrotate's default `create` mode), the next write opens a new one at the path, and
 `reopen()` (SIGHUP) does so at once (`copytruncate` works too: the file is opened for append).
@@ -17,7 +19,7 @@ import os
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, TextIO
+from typing import BinaryIO, Iterable
 
 from maildetour.store.records import Event
 
@@ -26,10 +28,10 @@ class AuditLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._file: TextIO = self._open()
+        self._file: BinaryIO = self._open()
 
-    def _open(self) -> TextIO:
-        return open(self.path, "a", encoding="utf-8")
+    def _open(self) -> BinaryIO:
+        return open(self.path, "ab", buffering=0)
 
     def write(self, events: Iterable[Event]) -> None:
         lines = [json.dumps({
@@ -38,19 +40,25 @@ class AuditLog:
         }) + "\n" for e in events]
         if not lines:
             return
+        data = "".join(lines).encode("utf-8")
         with self._lock:
             if self._replaced():
                 self._reopen()
-            self._file.writelines(lines)
-            self._file.flush()
+            # One write(2) per batch on an O_APPEND file: the intake workers append to the same
+            # file, and a buffered writer would cut a long batch at 8 KB, mid-line.
+            written = self._file.write(data) or 0
+            while written < len(data):
+                written += self._file.write(data[written:]) or 0
 
     def reopen(self) -> None:
         with self._lock:
             self._reopen()
 
     def _reopen(self) -> None:
+        """The new file first: if it cannot be opened, the old one stays (OSError raised)."""
+        new = self._open()
         self._file.close()
-        self._file = self._open()
+        self._file = new
 
     def close(self) -> None:
         with self._lock:

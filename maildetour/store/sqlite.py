@@ -343,7 +343,7 @@ class SqliteStore:
         removed = 0
         while True:
             seen, gone = await self._submit(expired)
-            await asyncio.to_thread(self._remove_files, gone)
+            await self._remove_files(gone)
             removed += len(gone)
             if seen < _PURGE_BATCH:
                 return removed
@@ -364,7 +364,7 @@ class SqliteStore:
             return [queue_id for queue_id in dict.fromkeys(r[1] for r in rows) if _settle_expired(conn, queue_id, now)]
 
         bare = await self._submit(expire, events=events)
-        await asyncio.to_thread(self._remove_files, bare)
+        await self._remove_files(bare)
         return len(events)
 
     async def purge_finished(self, before: float, now: float, limit: int) -> int:
@@ -385,15 +385,21 @@ class SqliteStore:
             return found
 
         gone = await self._submit(purge)
-        await asyncio.to_thread(self._remove_files, gone)
+        await self._remove_files(gone)
         return len(gone)
 
-    def _remove_files(self, queue_ids: Sequence[str]) -> None:
+    async def _remove_files(self, queue_ids: Sequence[str]) -> None:
         """Spool files of messages whose rows committed as gone (a crash before this leaves
-        orphans, removed at the next start)."""
+        orphans, removed at the next start). The cache is the loop's: dropped here, the files
+        off the loop."""
         for queue_id in queue_ids:
             self._cache.drop(queue_id)
-            self.spool.remove(queue_id)
+
+        def remove() -> None:
+            for queue_id in queue_ids:
+                self.spool.remove(queue_id)
+
+        await asyncio.to_thread(remove)
 
     async def retention_report(self, now: float) -> RetentionReport:
         """Counts for `maildetour queue`. Reads the whole messages table once (late bounces are

@@ -16,6 +16,7 @@ import pytest
 
 from maildetour.config.model import SmtpConfig
 from maildetour.inbound.handler import Handler, InboundLimits
+from maildetour.inbound import server as server_module
 from maildetour.inbound.server import SessionFactory, start_smtp
 from tests.configs import seed_config
 from tests.fakes import MemoryStore
@@ -259,3 +260,51 @@ def test_default_limits_let_the_benchmark_load_through(listener: Callable[..., L
     for t in threads:
         t.join(60)
     assert sum(results) == 400 and len(srv.accepted) == 400
+
+
+def test_a_trickling_data_phase_is_cut_after_its_grace(listener: Callable[..., Listener],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like Postfix's smtpd_min_data_rate: after the grace, DATA must average min_data_rate
+    bytes a second, or 421 4.4.2 and the connection closes; nothing is accepted. A client that
+    keeps up is not cut, however long its DATA takes."""
+    monkeypatch.setattr(server_module, "_DATA_RATE_GRACE", 0.5)
+    srv = listener(min_data_rate=1000)
+    slow, steady = srv.session(ONE), srv.session(OTHER)
+    for raw in (slow, steady):
+        assert raw.cmd(b"MAIL FROM:<a@sender.example>").startswith("250")
+        assert raw.cmd(b"RCPT TO:<ituki@example.com>").startswith("250")
+        assert raw.cmd(b"DATA").startswith("354")
+    header = b"Subject: trickle\r\nFrom: a@sender.example\r\n\r\n"
+    slow.sock.sendall(header)
+    steady.sock.sendall(header)
+    started = time.monotonic()
+    cut = False
+    while time.monotonic() - started < 1.5:  # slow: 10 bytes a tick; steady: 1000 (well above the floor)
+        if not cut:
+            try:
+                slow.sock.sendall(b"x" * 8 + b"\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                cut = True  # the server closed it; its reply is waiting in our buffer
+        steady.sock.sendall(b"y" * 998 + b"\r\n")
+        time.sleep(0.1)
+    assert slow.reply().startswith("421 4.4.2 "), "a trickle was not cut"
+    assert slow.reply() == "<closed>"
+    assert steady.cmd(b".").startswith("250"), "a client above the floor was cut"
+    assert len(srv.accepted) == 1
+    steady.close()
+
+
+def test_min_data_rate_zero_switches_the_floor_off(listener: Callable[..., Listener],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server_module, "_DATA_RATE_GRACE", 0.2)
+    srv = listener(min_data_rate=0)
+    raw = srv.session()
+    assert raw.cmd(b"MAIL FROM:<a@sender.example>").startswith("250")
+    assert raw.cmd(b"RCPT TO:<ituki@example.com>").startswith("250")
+    assert raw.cmd(b"DATA").startswith("354")
+    raw.sock.sendall(b"Subject: slow\r\n\r\n")
+    for _ in range(6):
+        raw.sock.sendall(b"z\r\n")
+        time.sleep(0.1)
+    assert raw.cmd(b".").startswith("250")
+    raw.close()

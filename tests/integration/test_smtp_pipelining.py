@@ -11,6 +11,7 @@ The outcomes expected are those of the lock-step tests in `test_smtp_out.py`.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -156,6 +157,7 @@ class Script:
     hold: bool = False  # answer nothing before DATA, then every reply owed in one write
     trickle: bool = False  # write replies one byte at a time
     garbage: bytes = b""  # written instead of the reply to MAIL
+    read_rate: int = 0  # bytes a second it reads a message at (0: as fast as it comes)
     # what it saw
     reads: list[bytes] = field(default_factory=list)  # every read after EHLO, as it came
     commands: list[bytes] = field(default_factory=list)
@@ -167,7 +169,7 @@ class Script:
 async def serve(script: Script, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """One session of the scripted server; a 421 reply ends it."""
     script.connections += 1
-    buffer, body, in_data, held = b"", b"", False, b""
+    buffer, body, in_data, held = b"", bytearray(), False, b""
 
     def wire(reply: str | bytes) -> bytes:
         return reply if isinstance(reply, bytes) else reply.replace("\n", "\r\n").encode() + b"\r\n"
@@ -203,14 +205,16 @@ async def serve(script: Script, reader: asyncio.StreamReader, writer: asyncio.St
                 script.reads.append(chunk)
                 if not script.pipelining and not in_data and chunk.count(b"\r\n") > 1:
                     script.lock_step_broken = True
+            if in_data and script.read_rate:
+                await asyncio.sleep(len(chunk) / script.read_rate)
             buffer += chunk
             while b"\r\n" in buffer:
                 line, buffer = buffer.split(b"\r\n", 1)
                 if in_data:
                     body += line + b"\r\n"
                     if line == b".":
-                        script.bodies.append(body)
-                        body, in_data = b"", False
+                        script.bodies.append(bytes(body))
+                        body, in_data = bytearray(), False
                         await say(script.end)
                     continue
                 script.commands.append(line)
@@ -231,7 +235,11 @@ async def serve(script: Script, reader: asyncio.StreamReader, writer: asyncio.St
 
 def run_scripted(script: Script, use: Callable[[SmtpAgent, int], Awaitable[object]], **settings: object) -> object:
     async def main() -> object:
-        server = await asyncio.start_server(lambda r, w: serve(script, r, w), "127.0.0.1", 0)
+        listening = socket.socket()
+        if script.read_rate:  # a small receive window (no autotuning): the sender waits on us
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        listening.bind(("127.0.0.1", 0))
+        server = await asyncio.start_server(lambda r, w: serve(script, r, w), sock=listening)
         port = server.sockets[0].getsockname()[1]
         agent = make_agent(hops(("127.0.0.1", port)), **settings)
         try:
@@ -249,6 +257,25 @@ def deliver_scripted(script: Script, *jobs_: object, **settings: object) -> list
         return [await agent.deliver(j) for j in jobs_]  # type: ignore[arg-type]
 
     return run_scripted(script, use, **settings)  # type: ignore[return-value]
+
+
+def test_the_wait_for_the_final_reply_starts_when_the_message_is_sent() -> None:
+    """A 16 MB message to a server that reads 4 MB a second takes 4 s to send; data_timeout
+    (2.5 s here, 10 min by default) is the wait for the reply after the last byte (RFC 5321
+    4.5.3.2.6), not a limit on sending, which is timed per slice by command_timeout."""
+    big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * (16 * 1024 * 1024 // 1000)
+    script = Script(read_rate=4 * 1024 * 1024)
+    [results] = deliver_scripted(script, job("alice@dest.test", data=big), command_timeout=2.5, data_timeout=2.5)
+    assert isinstance(results["alice@dest.test"], Delivered), results
+    assert len(script.bodies) == 1 and len(script.bodies[0]) == len(big) + 3
+
+
+def test_a_server_that_stops_reading_times_the_send_out() -> None:
+    """A server that takes nothing for command_timeout: the attempt ends (temporary), no hang."""
+    big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * (16 * 1024 * 1024 // 1000)
+    script = Script(read_rate=10)  # 64 KB then about nothing
+    [results] = deliver_scripted(script, job("alice@dest.test", data=big), command_timeout=1.0, data_timeout=600)
+    assert isinstance(results["alice@dest.test"], TemporaryFailure), results
 
 
 def test_commands_go_in_one_write_and_replies_may_all_come_in_one_read() -> None:

@@ -65,3 +65,24 @@ def test_reopen_from_another_thread_during_writes_loses_no_line(tmp_path: Path) 
     assert errors == [] and reopened > 1
     lines = [line for f in tmp_path.iterdir() for line in f.read_text().splitlines()]
     assert sorted(json.loads(line)["queue_id"] for line in lines) == sorted(f"Q{n}" for n in range(2000))
+
+
+def test_a_new_file_that_cannot_be_opened_leaves_the_old_one_in_use(tmp_path: Path) -> None:
+    """The review found that SIGHUP after logrotate made the new file unreadable for us closed
+    the old file first and left the audit log dead (and the reload raised)."""
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    audit.write([Event(1_800_000_000.0, "Q1", 1, "delivered", "a@example.com", "")])
+    (tmp_path / "audit.jsonl").rename(tmp_path / "audit.jsonl.1")
+    (tmp_path / "audit.jsonl").mkdir()  # in the way: the new file cannot be opened
+    try:
+        audit.reopen()
+    except OSError:
+        pass
+    else:
+        raise AssertionError("reopen should have failed")
+    (tmp_path / "audit.jsonl").rmdir()
+    (tmp_path / "audit.jsonl").touch()  # then made right (logrotate's `create`, fixed)
+    audit.write([Event(1_800_000_001.0, "Q2", 2, "delivered", "a@example.com", "")])  # reopens now
+    audit.close()
+    assert "Q1" in (tmp_path / "audit.jsonl.1").read_text()
+    assert "Q2" in (tmp_path / "audit.jsonl").read_text()

@@ -46,6 +46,7 @@ def test_an_unknown_table_is_an_error(tmp_path: Path) -> None:
     ("change", "key"),
     [
         (('max_message_size = "25MB"', 'max_message_size = "lots"'), "smtp.max_message_size"),
+        (('max_message_size = "25MB"', 'max_message_size = "25MB"\nmin_data_rate = -1'), "smtp.min_data_rate"),
         (('detour_after = "10m"', 'detour_after = "soon"'), 'destination."ituki-ex@gmail.com".detour_after'),
         (('listen  = ["127.0.0.1:2525"]', 'listen  = ["127.0.0.1"]'), "smtp.listen[0]"),
         (('"gmail.com" = "127.0.0.2:2525"', '"gmail.com" = 25'), 'delivery.relay."gmail.com"'),
