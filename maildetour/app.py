@@ -11,6 +11,9 @@ hears READY/RELOADING/STOPPING (`notify`). Config, clock and resolvers are passe
 One `metrics.Metrics` per process (a reload keeps its counts); with `[metrics] listen`, the
 endpoint (`metrics_endpoint`) serves it and /healthz, /readyz once the listeners are bound, and
 moves only when a reload changes `metrics.listen` (the new one bound before the old closes).
+With `[server] workers` > 1 this process holds the SMTP sockets without serving them and
+`intake_workers.IntakeWorkers` runs N - 1 SMTP intake processes on them: their commits come
+back as notices for the scheduler, a reload starts a new set, a stop ends them first.
 """
 
 from __future__ import annotations
@@ -29,15 +32,19 @@ from maildetour.core.hostport import HostPort
 from maildetour.delivery.base import Agent
 from maildetour.delivery.bounces import DsnWriter, LateBounces
 from maildetour.delivery.scheduler import Scheduler
+from maildetour.eventloop import running_name
 from maildetour.inbound.handler import Handler
 from maildetour.inbound.server import SessionFactory
+from maildetour.intake_workers import IntakeWorkers
 from maildetour.listeners import Listeners
 from maildetour.metrics import Metrics
 from maildetour.metrics_endpoint import MetricsEndpoint, start_endpoint
 from maildetour.notify import notify, reloading
-from maildetour.statelock import PID_FILE, hold_state_dir
+from maildetour.statelock import PID_FILE, hold_state_dir, wait_for_old_intake
+from maildetour.store.base import Store
 from maildetour.store.retention import RetentionRules, Sweeper
 from maildetour.store.sqlite import SqliteStore
+from maildetour.stores import AnyStore, server_store
 from maildetour.wiring import Wiring, wire
 
 log = logging.getLogger("maildetour")
@@ -49,7 +56,7 @@ class Parts:
     """Everything `build` made, for `App.run` to start, reload and stop."""
 
     wiring: Wiring
-    store: SqliteStore
+    store: AnyStore  # `stores`: SQLite in the state dir, or PostgreSQL ([store] url)
     scheduler: Scheduler
     late_bounces: LateBounces
     sessions: SessionFactory
@@ -63,7 +70,7 @@ class Parts:
         handler = self.sessions.handler.reconfigured(
             table=wiring.table, hostname=config.server.hostname, limits=wiring.limits,
             checks=wiring.checks, srs=wiring.srs, authserv_id=wiring.authserv_id)
-        self.sessions.configure(handler, **_session_settings(wiring))
+        self.sessions.configure(handler, **session_settings(wiring))
         delivery = config.delivery
         keep_for = delivery.late_bounce_window if wiring.srs is not None else None
         waiting = self.scheduler.reconfigure(
@@ -79,11 +86,11 @@ class Parts:
         return waiting
 
 
-def _dsn(wiring: Wiring, store: SqliteStore) -> DsnWriter:
+def _dsn(wiring: Wiring, store: Store) -> DsnWriter:
     return DsnWriter(store=store, hostname=wiring.config.server.hostname, redactor=wiring.redactor)
 
 
-def _session_settings(wiring: Wiring) -> dict[str, Any]:
+def session_settings(wiring: Wiring) -> dict[str, Any]:
     smtp = wiring.config.smtp
     return dict(hostname=wiring.config.server.hostname, max_sessions=smtp.max_sessions,
                 max_message_size=smtp.max_message_size, command_timeout=smtp.command_timeout,
@@ -95,9 +102,7 @@ def build(config: Config, clock: Callable[[], float]) -> Parts:
     wiring = wire(config, clock)
     delivery = config.delivery
     metrics = Metrics(config.destinations)
-    store = SqliteStore(config.queue_db, config.spool_dir, config.audit_log,
-                        cache_bytes=delivery.message_cache, cache_seconds=delivery.message_cache_seconds)
-    store.recover()
+    store = server_store(config)  # (recovered: what was in flight is due again)
     scheduler = Scheduler(store=store, table=wiring.table, agents=wiring.agents, retry=delivery.retry,
                           max_parallel=delivery.max_parallel_attempts, dsn=_dsn(wiring, store), clock=clock,
                           rate_delay=delivery.destination_rate_delay, max_bytes=delivery.max_bytes_in_flight,
@@ -114,7 +119,7 @@ def build(config: Config, clock: Callable[[], float]) -> Parts:
         on_accepted=scheduler.submit, clock=clock, checks=wiring.checks,
         srs=wiring.srs, on_late_bounce=late_bounces.receive, authserv_id=wiring.authserv_id, metrics=metrics,
     )
-    sessions = SessionFactory(handler, **_session_settings(wiring), metrics=metrics)
+    sessions = SessionFactory(handler, **session_settings(wiring), metrics=metrics)
     sweeper = Sweeper(store, _retention(config), clock)
     return Parts(wiring, store, scheduler, late_bounces, sessions, metrics, sweeper)
 
@@ -131,7 +136,12 @@ _AT_RESTART = {
     "delivery.message_cache_seconds": lambda c: c.delivery.message_cache_seconds,
     "pop3.password_workers": lambda c: c.pop3.settings.password_workers,
     "pop3.io_workers": lambda c: c.pop3.settings.io_workers,
+    "server.workers": lambda c: c.server.workers,
+    "server.event_loop": lambda c: c.server.event_loop,
 }
+# How long a starting server waits for the SMTP intake workers of an earlier run (killed with
+# it, a moment later) to be gone.
+_OLD_INTAKE_WAIT = 10.0
 
 
 @dataclass
@@ -146,6 +156,9 @@ class App:
     _listeners: Listeners | None = None
     _tasks: asyncio.TaskGroup | None = None
     _endpoint: MetricsEndpoint | None = None  # [metrics] listen
+    _intake: IntakeWorkers | None = None  # [server] workers > 1
+    log_format: str = "plain"  # the SMTP intake workers log as this process does
+    verbose: bool = False
 
     def stop(self) -> None:
         self._stop.set()
@@ -154,11 +167,13 @@ class App:
         """Serve until stopped. The state dir's lock comes before anything else: a second
         server on it stops here (StateDirBusy), having touched no file, the pid file included."""
         with hold_state_dir(self.config.server.state_dir):
+            wait_for_old_intake(self.config.server.state_dir, _OLD_INTAKE_WAIT)  # before `recover`
             await self._serve()
 
     async def _serve(self) -> None:
         parts = self._parts = build(self.config, self.clock)
-        listeners = self._listeners = Listeners(parts.sessions, parts.metrics)
+        workers = self.config.server.workers
+        listeners = self._listeners = Listeners(parts.sessions, parts.metrics, serve_smtp=workers == 1)
         pid_file = self.config.server.state_dir / PID_FILE
         try:
             # Listen first, outside the TaskGroup: a port in use is a one-line error, not a
@@ -175,19 +190,29 @@ class App:
                 if parts.scheduler.keep_for is not None:
                     background.append(tasks.create_task(parts.late_bounces.run()))
                 background.append(tasks.create_task(parts.sweeper.run()))
-                self._handle_signals(parts.scheduler)
-                log.info("maildetour ready: %s", listeners.describe())
-                pid_file.write_text(f"{os.getpid()}\n")
-                notify("READY=1", f"MAINPID={os.getpid()}", f"STATUS=serving {listeners.describe()}")
-                self.ready.set()
+                failed = await self._start_intake(parts, listeners, tasks)
+                if failed is None:
+                    if self._intake is not None:
+                        background.append(tasks.create_task(self._intake.sweep()))
+                    self._handle_signals(parts.scheduler)
+                    log.info("maildetour ready: %s", listeners.describe())
+                    pid_file.write_text(f"{os.getpid()}\n")
+                    notify("READY=1", f"MAINPID={os.getpid()}", f"STATUS=serving {listeners.describe()}")
+                    self.ready.set()
+                else:
+                    self._stop.set()
                 await self._stop.wait()
                 log.info("maildetour stopping")
                 notify("STOPPING=1", "STATUS=stopping: finishing the messages being received")
                 async with self._reloading:  # a reload half done finishes first
+                    if self._intake is not None:
+                        await self._intake.stop()  # they finish their commits, and announce them
                     await listeners.close()
                     await parts.sessions.handler.drain()  # a message being committed still is
                 for task in background:
                     task.cancel()
+            if failed is not None:
+                raise failed
         finally:
             self._tasks = None
             if self._endpoint is not None:
@@ -195,6 +220,23 @@ class App:
             pid_file.unlink(missing_ok=True)
             await asyncio.gather(*(agent.close() for agent in parts.wiring.agents.values()))
             parts.store.close()
+
+    async def _start_intake(self, parts: Parts, listeners: Listeners, tasks: asyncio.TaskGroup) -> OSError | None:
+        """With `[server] workers` > 1, start the SMTP intake workers on the held sockets and
+        wait until they serve; the error (one line for the command line) when they do not."""
+        workers = self.config.server.workers
+        if workers > 1 and isinstance(parts.store, SqliteStore):  # (PostgreSQL: one process a node)
+            intake = self._intake = IntakeWorkers(
+                self.config, scheduler=parts.scheduler, store=parts.store, metrics=parts.metrics,
+                spawn=tasks.create_task, log_format=self.log_format, verbose=self.verbose)
+            try:
+                await intake.start(listeners.smtp_sockets())
+            except OSError as exc:
+                return exc
+        log.info("event loop %s; %s", running_name(),
+                 f"SMTP received by {workers - 1} intake workers (pids {' '.join(map(str, self._intake.pids()))})"
+                 if self._intake is not None else "one process")
+        return None
 
     async def reload(self) -> bool:
         """SIGHUP (`maildetour reload`): read the config file again and switch to it for new
@@ -240,6 +282,8 @@ class App:
                 listeners.pop3.configure(accounts=wiring.pop3_accounts, settings=config.pop3.settings,
                                          ssl_context=wiring.pop3_tls, hostname=config.server.hostname)
             listeners.commit(change)
+            if self._intake is not None:  # new workers with the new config; the old ones retire
+                await self._intake.replace(config, listeners.smtp_sockets())
             if endpoint is not self._endpoint:
                 if self._endpoint is not None:
                     self._endpoint.close()
@@ -271,7 +315,8 @@ class App:
             return "starting"
         if self._stop.is_set():
             return "stopping"
-        return parts.store.health() or _unbound(self.config, listeners)
+        intake = self._intake.unready() if self._intake is not None else None
+        return parts.store.health() or _unbound(self.config, listeners) or intake
 
     def _handle_signals(self, scheduler: Scheduler) -> None:
         loop = asyncio.get_running_loop()

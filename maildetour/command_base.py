@@ -3,8 +3,9 @@ server, and that server's pid.
 
 Operator-facing (`commands`, `queue_commands`, `backup_commands`). `fail` prints
 `maildetour: TEXT` on stderr and returns exit code 1; `with_store` runs one piece of work
-against the queue (through the Store, never SQL here) with its writer running, and refuses an
-older queue rather than change it (the server upgrades it at its start); `server_pid` is the pid
+against the queue the config chooses (`stores`: SQLite or PostgreSQL; through the Store, never
+SQL here) with its writer running, and refuses an older queue rather than change it (the
+server upgrades it at its start); `server_pid` is the pid
 of the `serve` holding the state dir, for signals.
 """
 
@@ -18,7 +19,8 @@ from typing import TypeVar
 
 from maildetour.config.model import Config
 from maildetour.statelock import PID_FILE
-from maildetour.store.sqlite import SqliteStore
+from maildetour.store.base import Store
+from maildetour.stores import command_store
 
 T = TypeVar("T")
 
@@ -28,15 +30,15 @@ def fail(text: str) -> int:
     return 1
 
 
-def with_store(config: Config, work: Callable[[SqliteStore], Awaitable[T]], *, readonly: bool) -> T | None:
-    """Run `work` against the queue beside a running server; None when there is no queue yet.
-    An older queue is read but not changed (SchemaTooOld): the server upgrades it at its start."""
-    if not config.queue_db.exists():
-        return None
-
-    async def main() -> T:
-        store = SqliteStore(config.queue_db, config.spool_dir, config.audit_log, readonly=readonly,
-                            upgrade=False)
+def with_store(config: Config, work: Callable[[Store], Awaitable[T]], *, readonly: bool) -> T | None:
+    """Run `work` against the queue beside a running server (SQLite in the state dir, or the
+    PostgreSQL database of `[store] url`); None when there is no queue yet. An older queue is
+    read but not changed (SchemaTooOld): the server upgrades it at its start. `work` sees only
+    the `Store` protocol, whichever engine runs it."""
+    async def main() -> T | None:
+        store = command_store(config, readonly=readonly)
+        if store is None:
+            return None
         try:
             async with store.running():
                 return await work(store)

@@ -18,7 +18,7 @@ import signal
 import sqlite3
 import sys
 
-from maildetour import logs, malloc, report
+from maildetour import eventloop, logs, malloc, report
 from maildetour.command_base import fail, server_pid, with_store
 from maildetour.config.model import Config
 from maildetour.core.address import AddressError, parse_address
@@ -31,13 +31,18 @@ from maildetour.sign.srs import make_secret_file
 
 def serve(config: Config, verbose: bool, log_format: LogFormat = "plain") -> int:
     from maildetour.app import App
+    from maildetour.intake_workers import IntakeFailed
     from maildetour.wiring import validate
 
     validate(config)
     logs.setup(logging.DEBUG if verbose else logging.INFO, log_format)
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # the operator's own setting wins
         malloc.return_large_buffers()
-    asyncio.run(App(config).run())
+    # uvloop when it can (`eventloop`); the SMTP intake workers, if any, choose the same way.
+    try:
+        eventloop.run(App(config, log_format=log_format, verbose=verbose).run(), config.server.event_loop)
+    except IntakeFailed as exc:  # the worker's own line (logged above) says why
+        return fail(f"SMTP intake workers did not start: {exc}")
     return 0
 
 
@@ -53,6 +58,10 @@ def check(config: Config) -> int:
 def _schema_line(config: Config) -> str:
     """The queue database's schema version (issue 12); a newer one than ours raises SchemaTooNew
     (an OSError: `serve` would refuse it, so `check` fails too)."""
+    if config.store.url is not None:  # (PostgreSQL: `[store] url`, issue 14)
+        from maildetour.store.postgres_schema import describe as describe_database
+
+        return describe_database(config.store.url)
     from maildetour.store.schema import describe
 
     return describe(config.queue_db)
@@ -79,7 +88,7 @@ def route(config: Config, text: str) -> int:
         return fail(f"{text!r} is not an address we accept: {parsed.reason}")
     table = config.routing_table()
     found = route_address(table, parsed)
-    print(report.route_story(table, found, config.imap))
+    print(report.route_story(table, found, config.imap, mailbox=report.mailbox_kind(config)))
     return 0 if isinstance(found, Accept) else 1  # refused at RCPT: exit 1, as for any refusal
 
 

@@ -5,14 +5,18 @@ and implicit TLS) and returns a `Change`; `commit` then closes what it no longer
 `roll_back` closes what was just bound, so a reload that cannot bind leaves the running ones as
 they were. Sessions of a closed listener go on to their end. A bind failure is a ConfigError
 naming `smtp.listen` or `pop3.listen`/`pop3.listen_tls` and the address.
+With SMTP intake workers (`[server] workers` > 1) the main process binds the SMTP sockets but
+does not serve them (`serve_smtp=False`: a `HeldSockets` each); the workers it starts inherit
+them and accept from the one queue the kernel keeps per socket (`smtp_sockets`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from maildetour.config import ConfigError
 from maildetour.config.model import Config
@@ -32,11 +36,57 @@ def _pop3_wanted(config: Config) -> dict[_Pop3Key, HostPort]:
     return wanted
 
 
+# Pending connections per listening socket before the kernel refuses more (asyncio's default).
+_BACKLOG = 100
+
+
+class SmtpListener(Protocol):
+    def close(self) -> None: ...
+
+    def is_serving(self) -> bool: ...
+
+
+class HeldSockets:
+    """An SMTP address bound and listening in the main process, served by the intake workers."""
+
+    def __init__(self, sockets: list[socket.socket]) -> None:
+        self.sockets = sockets
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+    def is_serving(self) -> bool:
+        return all(sock.fileno() >= 0 for sock in self.sockets)
+
+
+async def hold_smtp(host: str, port: int) -> HeldSockets:
+    """Bind `host:port` (each address it resolves to) as `loop.create_server` would, without
+    serving it. Raises OSError."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                        flags=socket.AI_PASSIVE)
+    made: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            made.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(_BACKLOG)
+    except BaseException:
+        for sock in made:
+            sock.close()
+        raise
+    return HeldSockets(made)
+
+
 @dataclass
 class Change:
     """What one reload bound, and what it will close once it is committed."""
 
-    smtp_added: dict[HostPort, asyncio.Server] = field(default_factory=dict)
+    smtp_added: dict[HostPort, SmtpListener] = field(default_factory=dict)
     smtp_removed: list[HostPort] = field(default_factory=list)
     pop3_added: list[_Pop3Key] = field(default_factory=list)
     pop3_removed: list[_Pop3Key] = field(default_factory=list)
@@ -44,10 +94,14 @@ class Change:
 
 
 class Listeners:
-    def __init__(self, sessions: SessionFactory, metrics: Metrics | None = None) -> None:
-        self.sessions, self.metrics = sessions, metrics
-        self.smtp: dict[HostPort, asyncio.Server] = {}
+    def __init__(self, sessions: SessionFactory, metrics: Metrics | None = None, *, serve_smtp: bool = True) -> None:
+        self.sessions, self.metrics, self.serve_smtp = sessions, metrics, serve_smtp
+        self.smtp: dict[HostPort, SmtpListener] = {}
         self.pop3: Pop3Server | None = None
+
+    def smtp_sockets(self) -> list[socket.socket]:
+        """The held SMTP sockets, for the intake workers (with `serve_smtp=False`)."""
+        return [sock for held in self.smtp.values() if isinstance(held, HeldSockets) for sock in held.sockets]
 
     async def change(self, config: Config, wiring: Wiring) -> Change:
         """Bind every listener `config` names that is not bound yet. Raises ConfigError (with
@@ -56,7 +110,9 @@ class Listeners:
         try:
             for hp in config.smtp.listen:
                 if hp not in self.smtp:
-                    made.smtp_added[hp] = await _bind("smtp.listen", hp, start_smtp(self.sessions, hp.host, hp.port))
+                    starting = start_smtp(self.sessions, hp.host, hp.port) if self.serve_smtp \
+                        else hold_smtp(hp.host, hp.port)
+                    made.smtp_added[hp] = await _bind("smtp.listen", hp, starting)
             made.smtp_removed = [hp for hp in self.smtp if hp not in config.smtp.listen]
             wanted = _pop3_wanted(config)
             pop3 = self.pop3

@@ -19,9 +19,11 @@ from typing import Any, Literal
 LogFormat = Literal["plain", "json"]
 
 
-def setup(level: int = logging.INFO, fmt: LogFormat = "plain") -> None:
+def setup(level: int = logging.INFO, fmt: LogFormat = "plain", process: str | None = None) -> None:
+    """`process`: which process the lines come from, when it is not the main one (an SMTP
+    intake worker: "intake1"), shown after the logger's name ("maildetour.inbound[intake1]")."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LineFormatter(fmt))
+    handler.setFormatter(LineFormatter(fmt, process))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -29,9 +31,9 @@ def setup(level: int = logging.INFO, fmt: LogFormat = "plain") -> None:
 
 
 class LineFormatter(logging.Formatter):
-    def __init__(self, fmt: LogFormat = "plain") -> None:
+    def __init__(self, fmt: LogFormat = "plain", process: str | None = None) -> None:
         super().__init__()
-        self.fmt = fmt
+        self.fmt, self.process = fmt, process
 
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = getattr(record, "fields", None) or {}
@@ -39,11 +41,12 @@ class LineFormatter(logging.Formatter):
         message = record.getMessage()
         if record.exc_info:
             message += "\n" + self.formatException(record.exc_info)
+        name = record.name if self.process is None else f"{record.name}[{self.process}]"
         if self.fmt == "json":
-            return json.dumps({"time": when, "level": record.levelname.lower(), "logger": record.name,
+            return json.dumps({"time": when, "level": record.levelname.lower(), "logger": name,
                                "msg": message, **fields}, ensure_ascii=False, default=str)
         pairs = " ".join(f"{key}={_value(value)}" for key, value in fields.items())
-        return f"{when} {record.levelname} {record.name}: {message}" + (f" {pairs}" if pairs else "")
+        return f"{when} {record.levelname} {name}: {message}" + (f" {pairs}" if pairs else "")
 
 
 def _value(value: Any) -> str:

@@ -26,10 +26,10 @@ from typing import Awaitable
 from maildetour import report
 from maildetour.command_base import fail, server_pid, with_store
 from maildetour.config.model import Config
+from maildetour.store.base import Store
 from maildetour.store.listing import BytesGone, InFlight, QueueListing, QueueQuery
 from maildetour.store.records import CopyState, Story
 from maildetour.store.retention import RetentionReport
-from maildetour.store.sqlite import SqliteStore
 
 
 def _tell(pid: int | None, sig: signal.Signals) -> None:
@@ -61,7 +61,7 @@ def list_queue(config: Config, *, states: tuple[CopyState, ...] | None, dest: st
     now = time.time()
     query = QueueQuery(states=states, dest=dest, received_before=None if older_than is None else now - older_than,
                        limit=limit, newest_first=newest_first)
-    async def work(store: SqliteStore) -> tuple[QueueListing, RetentionReport]:
+    async def work(store: Store) -> tuple[QueueListing, RetentionReport]:
         return await store.listing(query), await store.retention_report(now)
 
     found = with_store(config, work, readonly=True)
@@ -99,7 +99,7 @@ def _without_stale_marks(listing: QueueListing, server_running: bool) -> QueueLi
 def show(config: Config, key: str, body: bool) -> int:
     """`queue show ID`: the envelope, every copy and the header block; `--body`: the whole
     message as it is stored (as text)."""
-    async def work(store: SqliteStore) -> tuple[Story, bytes | None] | None:
+    async def work(store: Store) -> tuple[Story, bytes | None] | None:
         story = await store.story(key)
         if story is None:
             return None
@@ -160,7 +160,7 @@ def delete(config: Config, queue_id: str) -> int:
     refused while a copy of it is in an attempt (a running server marked it)."""
     running = server_pid(config) is not None
 
-    def work(store: SqliteStore) -> Awaitable[int | InFlight]:
+    def work(store: Store) -> Awaitable[int | InFlight]:
         return store.delete(queue_id, time.time(), refuse_in_flight=running)
 
     result = with_store(config, work, readonly=False)

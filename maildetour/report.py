@@ -25,15 +25,23 @@ def _when(at: float) -> str:
     return datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
 
 
-def describe_target(table: RoutingTable, target: str, imap: Mapping[str, ImapAccount]) -> str:
+def mailbox_kind(config: Config) -> str:
+    """How a mailbox copy is stored: in our Maildir, or by LMTP at the mail store."""
+    lmtp = config.delivery.lmtp
+    return "local mailbox" if lmtp is None else f"mailbox by LMTP to {lmtp}"
+
+
+def describe_target(table: RoutingTable, target: str, imap: Mapping[str, ImapAccount], *,
+                    mailbox: str = "local mailbox") -> str:
     """`ituki-ex@gmail.com (smtp, hidden, detour after 600s of 4xx) -> detour imap:gmail (...)`:
-    every step of the target's detour chain, what it is, and when the copy moves on."""
+    every step of the target's detour chain, what it is (`mailbox`: what a mailbox step is
+    called), and when the copy moves on."""
     chain = detour_chain(table.destinations, target)
     hidden = False
     parts = []
     for i, step in enumerate(chain.steps):
         hidden = hidden or table.is_hidden(step.target)
-        kind = {"local": "local mailbox", "smtp": "smtp", "imap": "imap"}[table.kind(step.target)]
+        kind = {"local": mailbox, "smtp": "smtp", "imap": "imap"}[table.kind(step.target)]
         account = imap.get(step.target.removeprefix(IMAP_PREFIX)) if is_imap(step.target) else None
         if account is not None:
             kind += f" {account.user} at {account.host}:{account.port} {account.folder}"
@@ -52,19 +60,23 @@ def describe_target(table: RoutingTable, target: str, imap: Mapping[str, ImapAcc
 
 def routing_table(config: Config) -> str:
     table = config.routing_table()
+    mailbox = mailbox_kind(config)
+    lmtp = config.delivery.lmtp
+    stored = ("Maildirs in the state dir" if lmtp is None else
+              f"stored by the LMTP server {lmtp}, which (or its IMAP/POP3 server) serves them")
     lines = [f"config {config.path}: OK", f"hostname  {config.server.hostname}",
              f"state dir {config.server.state_dir}",
-             f"domains   {', '.join(sorted(table.domains)) or '(none)'}", "", "mailboxes:"]
+             f"domains   {', '.join(sorted(table.domains)) or '(none)'}", "", f"mailboxes ({stored}):"]
     lines += [f"  {address}" for address in sorted(table.mailboxes)] or ["  (none)"]
     lines += ["", "forwards (first match wins: exact, mailbox, plus-address, catch-all):"]
     for rule in config.forwards:
         lines.append(f"  {rule.pattern}")
-        lines += [f"    -> {describe_target(table, target, config.imap)}" for target in rule.to]
+        lines += [f"    -> {describe_target(table, target, config.imap, mailbox=mailbox)}" for target in rule.to]
     if not config.forwards:
         lines.append("  (none)")
     lines += ["", "destinations:"]
     for address, dest in sorted(config.destinations.items()):
-        lines.append(f"  {describe_target(table, address, config.imap)}")
+        lines.append(f"  {describe_target(table, address, config.imap, mailbox=mailbox)}")
     if not config.destinations:
         lines.append("  (none)")
     lines += ["", "imap accounts:"]
@@ -83,10 +95,11 @@ def routing_table(config: Config) -> str:
     return "\n".join(lines)
 
 
-def route_story(table: RoutingTable, found: Route, imap: Mapping[str, ImapAccount]) -> str:
+def route_story(table: RoutingTable, found: Route, imap: Mapping[str, ImapAccount], *,
+                mailbox: str = "local mailbox") -> str:
     if isinstance(found, Accept):
         lines = [f"{found.recipient}: accepted ({found.why})"]
-        lines += [f"  -> {describe_target(table, t, imap)}" for t in found.targets]
+        lines += [f"  -> {describe_target(table, t, imap, mailbox=mailbox)}" for t in found.targets]
         return "\n".join(lines)
     return f"refused at RCPT with \"{found.reply}\" ({found.why})"
 

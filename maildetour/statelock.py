@@ -7,6 +7,12 @@ the state dir and the pid holding the lock, which the command line prints on one
 — before it has touched the queue, the spool or the pid file (issue 10, #11: two schedulers on
 one queue, and a second server that deleted the first one's pid file).
 
+With SMTP intake workers (`[server] workers` > 1) a second lock, `maildetour.intake.lock`: each
+worker holds it shared while it may write (`share_intake_lock`), and a starting main process
+waits to take it exclusively (`wait_for_old_intake`) before it clears spool files nobody
+committed, so a worker of the previous run still finishing a write (it dies with its main
+process, a moment later) is never cut short.
+
 Contract: the lock lives as long as the open file: the kernel drops it when the process ends in
 any way (kill -9 included), so there is never a stale lock to clean up. The lock file itself is
 never removed (removing it would let a third server lock a new file while the second still
@@ -14,7 +20,8 @@ holds the old one). flock, not fcntl locks: closing any other descriptor of the 
 does that to its own files) does not drop it.
 
 Exposure: internal; the path is the operator's. Failure: StateDirBusy; OSError when the state
-dir cannot be made or the lock file opened. Blocking (a few file operations, at start-up).
+dir cannot be made or the lock file opened. Blocking (a few file operations, at start-up;
+`wait_for_old_intake` up to its timeout, normally not at all).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +37,9 @@ from pathlib import Path
 from maildetour.durable import make_dirs
 
 LOCK_FILE = "maildetour.lock"
+# Held shared by each SMTP intake worker while it may write; the main process takes it
+# exclusively once at start, before it clears half-written spool files (`intake_workers`).
+INTAKE_LOCK_FILE = "maildetour.intake.lock"
 # Written by the lock's holder once it serves, removed when it stops: how `maildetour queue`
 # and `reload` find the server to signal.
 PID_FILE = "maildetour.pid"
@@ -82,3 +93,32 @@ def _holder(fd: int) -> int | None:
     except (OSError, UnicodeDecodeError):
         return None
     return int(text) if text.isdigit() else None
+
+
+def share_intake_lock(state_dir: Path) -> int:
+    """An SMTP intake worker: hold the intake lock shared until the process ends (the returned
+    descriptor is never closed). Waits while a starting main process holds it exclusively."""
+    fd = os.open(state_dir / INTAKE_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def wait_for_old_intake(state_dir: Path, timeout: float) -> None:
+    """The main process at start, before `recover()` clears spool files nobody committed: wait
+    until no intake worker of an earlier run holds the intake lock (they die with their main
+    process, a moment later), so none of their writes is in progress. Raises OSError after
+    `timeout` seconds."""
+    fd = os.open(state_dir / INTAKE_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise OSError(errno.EAGAIN, f"SMTP intake workers of an earlier run still hold "
+                                  f"{INTAKE_LOCK_FILE} after {timeout:.0f}s", str(state_dir)) from None
+                time.sleep(0.05)
+    finally:
+        os.close(fd)  # drops the lock: this run's workers take it shared

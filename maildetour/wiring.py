@@ -2,8 +2,9 @@
 
 Internal. `wire(config, clock)` reads the files the config names (signing keys, the SRS
 secret, certificates, the POP3 passwd_file shared with Dovecot) and makes the routing table,
-the delivery agents (SMTP with the screening, SRS and signing agents in front of it; local
-Maildir; IMAP APPEND), the redactor,
+the delivery agents (SMTP with the screening, SRS and signing agents in front of it; the
+mailboxes' agent: local Maildir, or LMTP to the mail store with `[delivery] lmtp`; IMAP
+APPEND), the redactor,
 the inbound checks, the server TLS contexts and the POP3 accounts. It opens no listener and
 touches no queue, so a broken config fails here (ConfigError naming the key) before anything
 running is changed. `validate` is the same reading without making agents (`maildetour check`).
@@ -27,6 +28,7 @@ from maildetour.core.redact import Redactor
 from maildetour.core.routing import Kind, RoutingTable
 from maildetour.delivery.base import Agent
 from maildetour.delivery.imap_out import ImapAgent
+from maildetour.delivery.lmtp import LmtpAgent
 from maildetour.delivery.local import LocalAgent
 from maildetour.delivery.nexthop import NextHopResolver
 from maildetour.delivery.screen import ScreeningAgent
@@ -144,6 +146,15 @@ def pop3_accounts(config: Config) -> dict[str, Pop3Account]:
             for address, box in config.mailboxes.items()}
 
 
+def mailbox_agent(config: Config) -> Agent:
+    """Who stores mailbox copies: the mail store by LMTP with `[delivery] lmtp` (several nodes),
+    else our own Maildirs. Not wrapped by SRS or signing: the copy stays with us."""
+    lmtp = config.delivery.lmtp
+    if lmtp is not None:
+        return LmtpAgent(server=lmtp, local_hostname=config.server.hostname, settings=config.delivery)
+    return LocalAgent(config.mailbox_dir)
+
+
 def validate(config: Config) -> None:
     """What only reading the files can tell: keys, secrets, certificates, the shared password
     file. Raises ConfigError."""
@@ -199,7 +210,7 @@ def wire(config: Config, clock: Callable[[], float]) -> Wiring:
         smtp = SrsAgent(smtp, srs=srs, clock=clock)
     if checks is not None and any(d.skip_when for d in config.destinations.values()):
         smtp = ScreeningAgent(smtp, destinations=table.destinations, authserv_id=authserv_id)
-    agents: dict[Kind, Agent] = {"smtp": smtp, "local": LocalAgent(config.mailbox_dir)}
+    agents: dict[Kind, Agent] = {"smtp": smtp, "local": mailbox_agent(config)}
     if config.imap:
         agents["imap"] = ImapAgent(config.imap, keepalive=IMAP_KEEPALIVE)
     accounts = pop3_accounts(config)

@@ -9,7 +9,7 @@ from typing import Awaitable, Callable, Mapping, Sequence
 from maildetour.core.outcome import Outcome
 from maildetour.delivery.base import Job
 from maildetour.store.listing import BytesGone, InFlight, ListedCopy, ListedMessage, QueueListing, QueueQuery
-from maildetour.store.records import Copy, CopyState, Event, Message, NewCopy, Story
+from maildetour.store.records import Copy, CopyState, DueCopies, Event, Message, NewCopy, Story
 
 
 class MemoryStore:
@@ -25,6 +25,10 @@ class MemoryStore:
         self.marks: dict[int, float] = {}  # copies in an attempt (`started`), cleared by `update`
         self.fail_update: Exception | None = None  # `update` fails with this (a full disk)
         self.problem: str | None = None  # what `health` says
+        self.fail_read: Exception | None = None  # `read` fails with this (an unreadable spool file)
+        self.reads = 0
+        self.elsewhere: set[int] = set()  # copies another node holds: `claim` leaves them out
+        self.claims: list[list[int]] = []  # the copy ids of each `claim`
         self._next = 1
 
     async def accept(self, message: Message, data: bytes, copies: Sequence[NewCopy],
@@ -61,14 +65,35 @@ class MemoryStore:
         return done
 
     async def unfinished(self) -> list[Copy]:
+        if self.fail_update is not None:  # a read batched with failing writes fails with them
+            raise self.fail_update
         return [c for c in self.copies.values() if c.state == "queued"]
 
+    async def due(self, before: float, limit: int) -> DueCopies:
+        if self.fail_update is not None:  # as `unfinished`
+            raise self.fail_update
+        queued = sorted((c for c in self.copies.values() if c.state == "queued"), key=lambda c: (c.next_at, c.id))
+        found = tuple(c for c in queued if c.next_at < before)[:limit]
+        return DueCopies(found, len(queued) - len(found))
+
+    async def oldest_queued(self) -> float | None:
+        return min((c.received_at for c in self.copies.values() if c.state == "queued"), default=None)
+
     async def read(self, queue_id: str) -> bytes:
+        self.reads += 1
+        if self.fail_read is not None:
+            raise self.fail_read
         return self.messages[queue_id][1]
 
     async def finish(self, queue_id: str, keep_until: float | None = None) -> None:
         self.finished.append(queue_id)
         self.keep_until[queue_id] = keep_until
+
+    async def finish_if_done(self, queue_id: str, keep_until: float | None = None) -> bool:
+        if any(c.state == "queued" for c in self.copies.values() if c.queue_id == queue_id):
+            return False
+        await self.finish(queue_id, keep_until)
+        return True
 
     async def find_copy(self, key: str, target: str) -> Copy | None:
         for copy in self.copies.values():
@@ -122,9 +147,10 @@ class MemoryStore:
         found = [c for c in self.copies.values() if states is None or c.state in states]
         return sorted(found, key=lambda c: (c.queue_id, c.id))[:limit]
 
-    async def flush(self, now: float, *, queue_id: str | None = None, dest: str | None = None) -> int:
+    async def flush(self, now: float, *, queue_id: str | None = None, dest: str | None = None,
+                    later_only: bool = False) -> int:
         due = [c for c in self.copies.values() if c.state == "queued" and queue_id in (None, c.queue_id)
-               and dest in (None, c.target)]
+               and dest in (None, c.target) and (not later_only or c.next_at > now)]
         for c in due:
             self.copies[c.id] = replace(c, next_at=now)
         for q in sorted({c.queue_id for c in due}):
@@ -174,6 +200,14 @@ class MemoryStore:
         if chosen:
             self.events.append(Event(now, queue_id, None, kind, "", f"{len(chosen)} copies"))  # type: ignore[arg-type]
         return len(chosen)
+
+    async def claim(self, copies: Sequence[Copy], now: float) -> list[Copy]:
+        """As one node (SQLite): every copy, except those `elsewhere` says another node holds."""
+        self.claims.append([c.id for c in copies])
+        return [c for c in copies if c.id not in self.elsewhere]
+
+    async def listen(self, reload: Callable[[], None], flush: Callable[[], None]) -> None:
+        return None
 
     async def run(self) -> None:
         await asyncio.Event().wait()

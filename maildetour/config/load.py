@@ -7,15 +7,20 @@ prints it on one line and exits 1.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
 from maildetour.config.model import (
     DEFAULT_DETOUR_AFTER,
+    EVENT_LOOPS,
     IMAP_CONNECTIONS,
     IMAP_PORTS,
     IMAP_TIMEOUT,
+    LMTP_UNIX_PREFIX,
+    MAX_WORKERS,
     SRS_HASH_LENGTH,
     SRS_SECRET_NAME,
     TLS_MODES,
@@ -24,6 +29,7 @@ from maildetour.config.model import (
     DeliveryConfig,
     Forward,
     ImapAccount,
+    LmtpServer,
     Mailbox,
     MetricsConfig,
     Pop3Config,
@@ -82,11 +88,24 @@ def build_config(raw: dict[str, Any], path: Path) -> Config:
     imap = _imap(top.sub_table("imap"), base)
     metrics = _metrics(top.sub_table("metrics"))
     store = _store(top.sub_table("store"))
+    server = _one_process_per_node(server, store, raw)
     top.finish()
     config = Config(path, server, smtp, pop3, delivery, mailboxes, forwards, destinations, signing, checks,
                     srs, imap, metrics, store=store)
     _cross_check(config)
     return config
+
+
+def _one_process_per_node(server: ServerConfig, store: StoreConfig, raw: dict[str, Any]) -> ServerConfig:
+    """With `[store] url` a node is one process (the SMTP intake workers share SQLite's file,
+    not a database's leases): more capacity is more nodes. `server.workers` > 1 is refused
+    there; left out, it is 1."""
+    if store.url is None or server.workers == 1:
+        return server
+    given = raw.get("server", {})
+    if isinstance(given, dict) and "workers" in given:
+        raise ConfigError("server.workers", "with store.url each node is one process; run more nodes instead")
+    return dataclasses.replace(server, workers=1)
 
 
 def _relative(base: Path) -> Callable[[str, object], Path]:
@@ -137,8 +156,17 @@ def _server(t: Table, base: Path) -> ServerConfig:
     if isinstance(check_domain(hostname), AddressError) and hostname != "localhost":
         raise ConfigError(t.name("hostname"), f"{hostname!r} is not a host name")
     state_dir = t.convert("state_dir", _relative(base), (base / d.state_dir).resolve())
+    workers = t.get("workers", int, d.workers)
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ConfigError(t.name("workers"), f"expected 1 to {MAX_WORKERS} processes, got {workers}")
+    event_loop = t.get("event_loop", str, d.event_loop)
+    if event_loop not in EVENT_LOOPS:
+        raise ConfigError(t.name("event_loop"), f"expected one of {', '.join(EVENT_LOOPS)}, got {event_loop!r}")
+    node = t.get("node", str, d.node)
+    if node is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,62}", node):
+        raise ConfigError(t.name("node"), f"expected a name of letters, digits and . _ : - (up to 63), got {node!r}")
     t.finish()
-    return ServerConfig(hostname, state_dir)
+    return ServerConfig(hostname, state_dir, workers, event_loop, node)
 
 
 def _tls_pair(t: Table, base: Path) -> tuple[Path | None, Path | None]:
@@ -282,9 +310,18 @@ def _store(t: Table) -> StoreConfig:
     interval = t.convert("sweep_interval", parse_duration, d.sweep_interval)
     if interval <= 0:
         raise ConfigError(t.name("sweep_interval"), "must be positive")
+    url = t.get("url", str, d.url)
+    if url is not None and not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(t.name("url"), "expected a PostgreSQL URL, \"postgresql://user@host/database\"")
+    lease = t.convert("lease", parse_duration, d.lease)
+    if lease < 3:
+        raise ConfigError(t.name("lease"), "must be at least 3s (it is renewed every third of it)")
+    connections = t.get("connections", int, d.connections)
+    if connections < 2:
+        raise ConfigError(t.name("connections"), f"expected at least 2, got {connections}")
     config = StoreConfig(retention=kept_for("retention", d.retention),
                          quarantine_retention=kept_for("quarantine_retention", d.quarantine_retention),
-                         sweep_interval=interval)
+                         sweep_interval=interval, url=url, lease=lease, connections=connections)
     t.finish()
     return config
 
@@ -339,9 +376,31 @@ def _delivery(t: Table, base: Path) -> DeliveryConfig:
         connection_idle_timeout=t.convert("connection_idle_timeout", parse_duration,
                                           d.connection_idle_timeout),
         message_cache=t.convert("message_cache", _size_or_zero, d.message_cache),
+        lmtp=t.convert("lmtp", _lmtp_server(base), None),
     )
     t.finish()
     return config
+
+
+def _lmtp_server(base: Path) -> Callable[[str, object], LmtpServer]:
+    """`"unix:/run/dovecot/lmtp"` (a Unix socket; relative to the config file like every path)
+    or `"host:port"` (TCP)."""
+    path = _relative(base)
+
+    def convert(key: str, value: object) -> LmtpServer:
+        if isinstance(value, str) and value.startswith(LMTP_UNIX_PREFIX):
+            socket = value.removeprefix(LMTP_UNIX_PREFIX)
+            if not socket:
+                raise ConfigError(key, f"expected \"unix:/path/of/socket\" or \"host:port\", got {value!r}")
+            return LmtpServer(socket=path(key, socket))
+        if isinstance(value, str) and "/" in value:
+            raise ConfigError(key, f"{value!r}: a Unix socket is written \"unix:{value}\"")
+        try:
+            return LmtpServer(address=parse_hostport(key, value))
+        except ConfigError:
+            raise ConfigError(key, f"expected \"unix:/path/of/socket\" or \"host:port\", got {value!r}") from None
+
+    return convert
 
 
 def _signing(top: Table, base: Path) -> tuple[SigningConfig | None, Path | None]:
@@ -549,6 +608,7 @@ def _cross_check(config: Config) -> None:
             if target == rule.pattern:
                 raise ConfigError(f'forward."{rule.pattern}".to', "a forward cannot target itself")
     _check_local_targets(config)
+    _check_lmtp(config)
     if config.srs is not None and config.srs.domain not in local_domains:
         key = "srs.domain" if config.signing is None or config.srs.domain != config.signing.domain \
             else "signing.domain"
@@ -579,3 +639,16 @@ def _check_local_targets(config: Config) -> None:
                 if not isinstance(route(table, parsed), Accept):
                     raise ConfigError(f'forward."{rule.pattern}".to[{i}]',
                                       f"{target} is at our own domain but is neither a mailbox nor forwarded")
+
+
+def _check_lmtp(config: Config) -> None:
+    """With `[delivery] lmtp` the mail store keeps the mailboxes and serves them (POP3, IMAP):
+    our own Maildirs would stay empty, so a POP3 listener of ours would show empty mailboxes."""
+    lmtp = config.delivery.lmtp
+    if lmtp is None:
+        return
+    for key, listeners in (("pop3.listen", config.pop3.listen), ("pop3.listen_tls", config.pop3.listen_tls)):
+        if listeners:
+            raise ConfigError(key, f"the mailboxes are stored by the LMTP server (delivery.lmtp = \"{lmtp}\"), "
+                              "so maildetour's own would stay empty: POP3 and IMAP are the mail store's to serve "
+                              "(e.g. Dovecot); remove this listener")

@@ -9,6 +9,7 @@ next to their code as named constants.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -25,10 +26,37 @@ DEFAULT_DETOUR_AFTER = 600.0
 TLS_MODES = ("none", "opportunistic", "required", "verify")
 
 
+# The event loops `[server] event_loop` may name: "auto" is uvloop when it can be imported, else
+# asyncio's own (see `maildetour.eventloop`).
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+# `[server] workers` above this is surely a typo: each process holds its own store connection.
+MAX_WORKERS = 64
+
+
+def default_workers() -> int:
+    """One process per core this process may run on (its CPU affinity, which a container's
+    cpuset narrows; os.cpu_count() would count the whole machine's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     hostname: str = "localhost"  # greeting, Received, Message-ID, DSN
     state_dir: Path = Path("var")  # absolute after loading (relative to the config file)
+    # Processes: 1 is one process doing everything; N > 1 is the main process (queue, delivery,
+    # POP3, metrics) and N - 1 SMTP intake workers (`intake_workers`). Python runs one core
+    # per process, so the default uses every core.
+    workers: int = field(default_factory=default_workers)
+    event_loop: str = "auto"  # one of EVENT_LOOPS
+    # This server's name among the nodes sharing a PostgreSQL store ([store] url): it holds the
+    # leases of the copies it attempts. None: the machine's host name, the pid and a random
+    # part, new at every start (leases of a previous run then simply run out). A name given
+    # here is kept across restarts, and its leases from a previous run are released at start,
+    # so it must be unique among the nodes.
+    node: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +212,22 @@ class Pop3Config:
     passwd_file: Path | None = None
 
 
+# `[delivery] lmtp = "unix:PATH"`: a Unix socket (Dovecot's is /run/dovecot/lmtp); else host:port.
+LMTP_UNIX_PREFIX = "unix:"
+
+
+@dataclass(frozen=True, slots=True)
+class LmtpServer:
+    """The mail store every `[mailbox]` copy is handed to by LMTP (RFC 2033), instead of our
+    own Maildirs: a TCP `address` or a Unix `socket`, exactly one of them."""
+
+    address: HostPort | None = None
+    socket: Path | None = None
+
+    def __str__(self) -> str:
+        return f"{LMTP_UNIX_PREFIX}{self.socket}" if self.socket is not None else str(self.address)
+
+
 @dataclass(frozen=True, slots=True)
 class DeliveryConfig:
     relay: dict[str, HostPort] = field(default_factory=dict)  # domain -> next hop (no MX lookup)
@@ -232,6 +276,11 @@ class DeliveryConfig:
     # `message_cache_seconds` after its last use; the rest is read from the spool again.
     message_cache: int = 8 * MB
     message_cache_seconds: float = 2.0
+    # None: mailboxes are our own Maildirs (one node). Else every mailbox copy goes by LMTP to
+    # this mail store (several nodes: a node must not keep mail the others cannot serve); it
+    # uses connect_timeout, command_timeout, data_timeout, max_connections_per_host and
+    # connection_idle_timeout above, like an SMTP next hop.
+    lmtp: LmtpServer | None = None
 
     @property
     def retry(self) -> RetryRules:
@@ -345,6 +394,18 @@ class StoreConfig:
     # messages per transaction (tens of milliseconds), so accepting and delivering never wait long.
     sweep_interval: float = 600.0
     purge_batch: int = 500
+    # The queue in PostgreSQL ("postgresql://user@host/db"; libpq's URL or key=value string),
+    # shared by every node that names it; None: SQLite in the state dir (one node).
+    url: str | None = None
+    # How long a node's claim on a copy lasts unless renewed (every lease/3, with the node's
+    # heartbeat): a node that dies leaves its copies to the others after at most this long
+    # (plus a third of it). Longer than a database restart, so a short outage costs no second
+    # delivery; short enough that a dead node's mail waits little.
+    lease: float = 60.0
+    # Connections per node to PostgreSQL: enough for the SMTP sessions committing and the
+    # attempts reporting at once (each transaction holds one for about a millisecond); the
+    # server's max_connections must cover every node's.
+    connections: int = 10
 
 
 @dataclass(frozen=True, slots=True)

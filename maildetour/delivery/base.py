@@ -3,8 +3,9 @@
 Internal. A delivery agent takes one `Job` (a message and the recipients that may share one
 delivery: `batch_key` says which) and reports an `Outcome` for each recipient. Agents never
 raise for a remote refusal or a network problem: those are outcomes. Anything an agent cannot
-classify is a `TemporaryFailure`. Kinds: SMTP (`smtp_out`), local Maildir (`local`), IMAP
-APPEND into an account (`imap_out`, targets "imap:NAME"). Agents can
+classify is a `TemporaryFailure`. Kinds: SMTP (`smtp_out`), mailboxes in a local Maildir
+(`local`) or by LMTP at a mail store (`lmtp`, `[delivery] lmtp`), IMAP APPEND into an account
+(`imap_out`, targets "imap:NAME"). Agents can
 wrap agents (maddy's "modifiers in front of a target"): `screen` (skip_when) and `signing`
 (SRS, DKIM, ARC) sit in front of the SMTP agent, so the scheduler never asks what an agent is.
 """

@@ -5,12 +5,20 @@ tick); due copies of one message that the same agent may deliver together (its `
 out as one job; the agent reports an outcome per copy; `core.policy` decides; the decision
 and its events are written to the store. What a decision needs done elsewhere is done there:
 a private DSN by `bounces.DsnWriter`, signing and `skip_when` by the agents in front of the SMTP
-agent. On start-up every queued copy is loaded again, so what was in flight before a crash is
-simply tried again (at-least-once); `flush` makes every queued copy due now and `reload` picks
-up what the operator changed (held, deleted, released, requeued, flushed copies). Each attempt's
-copies are marked in the store when it starts (so `queue delete` can refuse them). At most
+agent. Like Postfix's active queue, memory holds only the copies due soon: those due within
+`horizon` seconds, at most `active_limit` of them (soonest first); the rest stay in the store,
+which is asked for the next ones (`Store.due`) when the horizon nears or memory runs low, so
+memory does not grow with the deferred queue (issue 13). On start-up the queue is read so
+again, and what was in flight before a crash is simply tried again (at-least-once); `flush`
+makes every queued copy due now and `reload` picks up what the operator changed (held,
+deleted, released, requeued, flushed copies). A message is finished when its last copy here is
+final and the store has no other copy of it queued (`Store.finish_if_done`). Each attempt
+first claims its copies (`Store.claim`: with several nodes, a copy another node holds is not
+tried here, and forgotten; one node: all granted) and marks them in the store (so `queue
+delete` can refuse them); `Store.listen` hears the other nodes (reload, flush). At most
 `max_parallel_attempts` attempts run at once. Message bytes come from the store (which keeps
-recent ones in memory).
+recent ones in memory). Fails safe: a store that cannot be read or written pauses attempts
+until it can (`Store.health`), then the queue is read again.
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ import asyncio
 import heapq
 import itertools
 import logging
+import math
 import sqlite3
+import sys
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Awaitable, Callable, Iterable, Mapping
@@ -53,6 +63,14 @@ from maildetour.store.records import Copy, Event, EventKind
 log = logging.getLogger("maildetour.delivery")
 
 _Group = tuple[str, Kind, str]  # queue id, kind of agent, the agent's batch key
+_Key = tuple[float, int]  # a copy's place in the queue: (due time, id)
+
+# The active queue (issue 13; Postfix's qmgr keeps one too, qmgr_message_active_limit 20,000):
+# memory holds the queued copies due within HORIZON seconds, at most ACTIVE_LIMIT of them,
+# soonest first (about 1 KB each); the deferred rest stay in the store. The store is read
+# again halfway to the horizon, so a read every 150 s at most costs one index range.
+HORIZON = 300.0
+ACTIVE_LIMIT = 10_000
 
 
 @dataclass(slots=True)
@@ -67,12 +85,14 @@ class Scheduler:
     def __init__(self, *, store: Store, table: RoutingTable, agents: Mapping[Kind, Agent],
                  retry: RetryRules, max_parallel: int, dsn: DsnWriter, keep_for: float | None,
                  clock: Callable[[], float], rate_delay: float = 0.0, max_bytes: int = 0,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, horizon: float = HORIZON,
+                 active_limit: int = ACTIVE_LIMIT) -> None:
         """`keep_for`: how long a finished message's bytes stay for late bounces (None: not
         kept, when nothing can come back to an SRS address of ours). `rate_delay`: least time
         between two deliveries to one destination (0: none). `max_bytes`: message bytes that
         attempts in flight may hold at once (0: no limit; one attempt always goes). `metrics`:
-        where each attempt's result is counted (None: nowhere)."""
+        where each attempt's result is counted (None: nowhere). `horizon`, `active_limit`: the
+        copies held in memory (those due within `horizon` seconds, at most `active_limit`)."""
         self.store, self.table, self.agents, self.dsn, self.metrics = store, table, agents, dsn, metrics
         self.retry, self.max_parallel, self.keep_for, self.clock = retry, max_parallel, keep_for, clock
         self.rate_delay, self.max_bytes = rate_delay, max_bytes
@@ -81,8 +101,22 @@ class Scheduler:
         self._next_start: dict[str, float] = {}  # destination -> earliest next delivery (pacing)
         self._heap: list[tuple[float, int, int]] = []  # (due, tie-breaker, copy id)
         self._seq = itertools.count()
-        self._copies: dict[int, Copy] = {}  # every queued copy
-        self._by_message: dict[str, set[int]] = {}  # queue id -> its queued copies
+        self._copies: dict[int, Copy] = {}  # the queued copies held here (see `_keeps`)
+        self._by_message: dict[str, int] = {}  # queue id -> how many of its copies are held here
+        # The horizon: every queued copy whose (due time, id) is below it is held here (or in an
+        # attempt); those at or after it are in the store only (`_later` of them, as the store
+        # counted them at the last read, plus those left there since: a gauge, not a ledger).
+        # Nothing read yet: everything submitted is held.
+        self.horizon, self.active_limit = horizon, active_limit
+        self._horizon: _Key = (math.inf, 0)
+        self._later = 0
+        self._read_at = -math.inf  # when the store is read next (halfway to the horizon)
+        # While a read is in flight: copies held or rescheduled meanwhile (the read may predate
+        # them: kept), and the lowest key left to the store meanwhile (the horizon stays below it).
+        self._arrived: set[int] | None = None
+        self._evicted: _Key | None = None
+        self._oldest_stored: tuple[float, float | None] = (-math.inf, None)  # (read at, `Store.oldest_queued`)
+        self._oldest_wanted = False  # the gauge asked for a newer one
         # Copies in an attempt, each with the attempt's token: an attempt frees only its own.
         self._busy: dict[int, object] = {}
         self._wake = asyncio.Event()
@@ -91,6 +125,7 @@ class Scheduler:
         self._flush_requested = self._reload_requested = False
         self._store_down = False  # a write failed: no attempt starts until `store.health()` is fine
         self.store_recheck = _STORE_RECHECK
+        self._dropping: list[set[int]] = []  # per `adopt` in progress: copies forgotten meanwhile
 
     def reconfigure(self, *, table: RoutingTable, agents: Mapping[Kind, Agent], retry: RetryRules,
                     max_parallel: int, dsn: DsnWriter, keep_for: float | None, rate_delay: float,
@@ -105,13 +140,17 @@ class Scheduler:
 
     # --- intake -----------------------------------------------------------------------------
     def submit(self, copies: list[Copy]) -> None:
-        """Schedule copies (new, or loaded at start-up). Wakes the loop at once."""
+        """Schedule copies the store has committed (new mail, a DSN, adopted ones). Wakes the
+        loop at once. A copy due beyond the horizon is left to the store (read when it nears)."""
+        now = self.clock()
         for copy in copies:
             if copy.state != "queued" or copy.id in self._copies:
-                continue  # final, or already known (start-up loading races with new mail)
-            self._copies[copy.id] = copy
-            self._by_message.setdefault(copy.queue_id, set()).add(copy.id)
-            heapq.heappush(self._heap, (copy.next_at, next(self._seq), copy.id))
+                continue  # final, or already known (a read races with new mail)
+            if self._keeps(copy, now):
+                self._schedule(copy)
+            else:
+                self._leave(copy)
+        self._trim(now)
         self._wake.set()
 
     def flush(self) -> None:
@@ -127,28 +166,100 @@ class Scheduler:
         self._reload_requested = True
         self._wake.set()
 
+    async def adopt(self, found: Awaitable[list[Copy]]) -> int:
+        """Schedule copies another process committed whose notice never came (an SMTP intake
+        worker killed between its commit and its notice): those in `found` (a read of the store)
+        not known here. A copy forgotten here while `found` was being read is not taken back:
+        that read may predate the update that finished it. Returns how many were new."""
+        dropped: set[int] = set()
+        self._dropping.append(dropped)
+        try:
+            copies = await found
+        finally:
+            self._dropping.remove(dropped)
+        fresh = [c for c in copies if c.id not in dropped and c.id not in self._copies]
+        self.submit(fresh)
+        return len(fresh)
+
     async def report(self, copy: Copy, outcome: Outcome) -> None:
         """An outcome that arrived after the fact: a late bounce about a copy we delivered."""
         if copy.id in self._copies:
             return  # already queued again (an earlier report about it)
-        self._by_message.setdefault(copy.queue_id, set()).add(copy.id)
-        self._copies[copy.id] = copy
+        copy = self._add(copy)
         token = self._busy[copy.id] = object()
         try:
             await self._settle(copy, outcome, token)
         finally:
             self._free([copy], token)
 
-    async def _reload(self) -> None:
+    async def _read(self) -> None:
+        """Hold the queued copies due within the horizon, soonest first, at most `active_limit`
+        (`Store.due`): at start-up, on a reload, when the horizon nears or memory runs low. Held
+        copies the store no longer has among those are dropped (the operator held or deleted
+        them, or they are now beyond the horizon); new ones are held; known ones the operator
+        made due earlier are rescheduled. A copy in an attempt, or held or rescheduled while the
+        read was on its way, is kept as it is here: the read may predate it. A copy forgotten
+        meanwhile is not taken back: the read may predate the update that finished it."""
         self._reload_requested = False
-        queued = await self.store.unfinished()
-        ids = {c.id for c in queued}
-        for copy in [c for c in self._copies.values() if c.id not in ids and c.id not in self._busy]:
+        now = self.clock()
+        dropped: set[int] = set()
+        self._dropping.append(dropped)
+        self._arrived, self._evicted = set(), None
+        try:
+            found = await self.store.due(now + self.horizon, self.active_limit)
+            arrived, evicted = self._arrived, self._evicted
+        finally:
+            self._dropping.remove(dropped)
+            self._arrived = self._evicted = None
+        ids = {c.id for c in found.copies}
+        for copy in [c for c in self._copies.values()
+                     if c.id not in ids and c.id not in self._busy and c.id not in arrived]:
             self._forget(copy)
-        self._due_earlier(queued)
-        self.submit(queued)  # known copies are skipped
+        self._due_earlier(found.copies)
+        for copy in found.copies:
+            if copy.id not in dropped and copy.id not in self._copies:
+                self._schedule(copy)
+        if len(found.copies) >= self.active_limit:  # the rest start right after the last one read
+            last = found.copies[-1]
+            horizon: _Key = (last.next_at, last.id + 1)
+        else:
+            horizon = (now + self.horizon, 0)
+        self._horizon = horizon if evicted is None else min(horizon, evicted)
+        self._later = found.later
+        self._read_at = math.inf
+        self._plan_read(now)
+        self._trim(now)
 
-    def _due_earlier(self, stored: list[Copy]) -> None:
+    def _should_read(self, now: float) -> bool:
+        """The horizon nears, or it has passed (a backlog larger than `active_limit`) and half
+        of the copies held are done."""
+        return now >= self._read_at or (self._horizon[0] <= now and len(self._copies) <= self.active_limit // 2)
+
+    def _plan_read(self, now: float) -> None:
+        """Read again halfway to the horizon (not sooner than `_READ_GAP`); a horizon already
+        passed waits for memory to run low instead."""
+        if self._horizon[0] > now:
+            self._read_at = min(self._read_at, now + max((self._horizon[0] - now) / 2, _READ_GAP))
+
+    def _keeps(self, copy: Copy, now: float) -> bool:
+        """Is a queued copy held here? Yes below the horizon; beyond it too when it is due now
+        and there is room (new mail goes at once even behind a backlog read only in part)."""
+        return (copy.next_at, copy.id) < self._horizon or (copy.next_at <= now
+                                                           and len(self._copies) < self.active_limit)
+
+    def _trim(self, now: float) -> None:
+        """Above `active_limit` (a burst of new mail): the copies due last (not in an attempt)
+        are left to the store, down to nine tenths of the limit (so that the next few new
+        copies do not trim again), and the horizon comes down to them."""
+        excess = len(self._copies) - self.active_limit
+        if excess <= 0:
+            return
+        idle = (c for c in self._copies.values() if c.id not in self._busy)
+        for copy in heapq.nlargest(excess + self.active_limit // 10, idle, key=lambda c: (c.next_at, c.id)):
+            self._leave(copy)
+        self._plan_read(now)
+
+    def _due_earlier(self, stored: Iterable[Copy]) -> None:
         """Known copies the operator made due earlier in the store (`queue flush ID|--dest`) are
         rescheduled. Only a copy whose attempts and target the store agrees on: one whose last
         attempt's update has not committed yet shows an older due time there, not a flush."""
@@ -164,23 +275,59 @@ class Scheduler:
         self.store.started([c.id for c in group], self.clock())
 
     async def _flush(self) -> None:
+        """Every queued copy due now: those in the store only there (no second "flushed" event
+        after `queue flush` did it), then the queue is read again and the held ones follow."""
         self._flush_requested = False
-        await self._reload()
         now = self.clock()
+        await self.store.flush(now, later_only=True)
+        await self._read()
         for copy in list(self._copies.values()):
             if copy.next_at > now and copy.id not in self._busy:
                 self._schedule(replace(copy, next_at=now))
-        log.info("queue flushed: %d copies due now", len(self._copies))
+        log.info("queue flushed: %d copies due now", len(self._copies) + self._later)
+
+    async def _listen(self) -> None:
+        """Hear the other nodes (`Store.listen`; one node: returns at once). A listener that
+        fails is started again after a pause: meanwhile the periodic reads still see the queue."""
+        while True:
+            try:
+                await self.store.listen(self.reload, self.flush)
+                return
+            except Exception:
+                log.exception("listening for other nodes failed; again in %.0fs", _STORE_RECHECK)
+                await asyncio.sleep(_STORE_RECHECK)
+
+    async def _refresh_oldest(self) -> None:
+        """For the age gauge. A store that cannot answer now keeps the last answer a while
+        (a gauge is no reason to pause deliveries)."""
+        self._oldest_wanted = False
+        at, stored = self.clock(), self._oldest_stored[1]
+        try:
+            stored = await self.store.oldest_queued()
+        except (OSError, sqlite3.Error) as error:
+            log.warning("the age of the oldest queued copy could not be read: %s", error)
+        self._oldest_stored = (at, stored)
 
     async def run(self) -> None:
-        self.submit(await self.store.unfinished())
+        self._reload_requested = True  # the first turn reads the queue (guarded like any read)
         async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._listen())
             while True:
                 self._wake.clear()
-                if self._flush_requested:
-                    await self._flush()
-                elif self._reload_requested:
-                    await self._reload()
+                if not self._store_down:  # while it is, the store is read again once it can write
+                    flushing = self._flush_requested
+                    try:
+                        if flushing:
+                            await self._flush()
+                        elif self._reload_requested or self._should_read(self.clock()):
+                            await self._read()
+                        if self._oldest_wanted:
+                            await self._refresh_oldest()
+                    except (OSError, sqlite3.Error) as error:  # a read batched with failing writes
+                        self._flush_requested = flushing
+                        self._store_failed([], error)
+                if len(self._heap) > 2 * len(self._copies) + _HEAP_SLACK:
+                    self._compact()
                 # Dispatch no more than there are free slots: a drained backlog of 100,000 due
                 # copies must not become 100,000 waiting tasks (memory); the rest stay in the
                 # heap and go out as attempts finish (each one wakes this loop).
@@ -190,7 +337,6 @@ class Scheduler:
                 for group in self._due_groups(self.clock(), free):
                     token = object()
                     self._busy.update((c.id, token) for c in group)
-                    self._mark_started(group)
                     self._running += 1
                     self._bytes += group[0].size
                     attempt = tasks.create_task(self._attempt(group, token))
@@ -198,11 +344,12 @@ class Scheduler:
                     attempt.add_done_callback(self._attempts.discard)
                 full = self.max_bytes > 0 and self._bytes >= self.max_bytes
                 if self._store_down:
-                    timeout = self.store_recheck
-                elif self._running >= self.max_parallel or (full and self._running):
-                    timeout = None  # a finishing attempt wakes us
+                    timeout: float | None = self.store_recheck
                 else:
-                    timeout = max(self._heap[0][0] - self.clock(), 0.0) if self._heap else None
+                    # A finishing attempt wakes us; so does the next due copy, and the next read.
+                    waiting = self._running >= self.max_parallel or (full and self._running)
+                    until = min(math.inf if waiting or not self._heap else self._heap[0][0], self._read_at)
+                    timeout = None if until == math.inf else max(until - self.clock(), 0.0)
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 except TimeoutError:
@@ -276,8 +423,18 @@ class Scheduler:
         """Deliver one group and settle every copy of it. Whatever goes wrong on our side is
         an outcome too (temporary: the copy is retried, and after its deadline moved on), never
         a silent loop."""
-        first = group[0]
+        first, taken = group[0], group
         try:
+            group = await self.store.claim(taken, self.clock())
+            if len(group) < len(taken):  # another node has them (several nodes): not ours to try
+                granted = {c.id for c in group}
+                for copy in taken:
+                    if copy.id not in granted:
+                        self._forget(copy)
+                if not group:
+                    return
+            self._mark_started(group)
+            started = self.clock()
             try:
                 data = await self.store.read(first.queue_id)
             except FileNotFoundError:
@@ -285,8 +442,14 @@ class Scheduler:
                 for copy in group:
                     await self._quarantine_lost(copy)
                 return
-            started = self.clock()
-            outcomes = await self._deliver(group, data)
+            except OSError as error:  # unreadable (EIO, permissions): a temporary failure of ours, with backoff
+                log.error("message %s could not be read from the spool: %s", first.queue_id, error)
+                unreadable = TemporaryFailure(
+                    f"the message could not be read from the spool ({error.strerror or error})",
+                    451, "4.3.0", "a temporary problem on the forwarding side")
+                outcomes: Mapping[str, Outcome] = {copy.target.lower(): unreadable for copy in group}
+            else:
+                outcomes = await self._deliver(group, data)
             took = self.clock() - started
             settled = await asyncio.gather(*(self._settle(copy, outcomes.get(copy.target.lower(), _UNKNOWN),
                                                           token, took) for copy in group), return_exceptions=True)
@@ -297,7 +460,7 @@ class Scheduler:
         finally:
             self._running -= 1
             self._bytes -= first.size
-            self._free(group, token)
+            self._free(taken, token)
 
     def _store_failed(self, copies: list[Copy], error: Exception) -> None:
         """The store could not record what happened to `copies` (a full disk, an I/O error).
@@ -373,7 +536,8 @@ class Scheduler:
             self.metrics.settled(_STATUS[type(decision)], copy.target, outcome, latency=now - copy.received_at,
                                  detours=copy.detours)
         committed = self.store.update(updated, events)
-        if updated.state == "queued":
+        held = updated.state == "queued" and self._keeps(updated, now)
+        if held:
             self._schedule(updated)
             self._free([copy], token)
         if not await committed:
@@ -381,6 +545,11 @@ class Scheduler:
             self._forget(copy)
         elif updated.state != "queued":
             await self._finish_copy(updated)
+        elif not held:  # due beyond the horizon: the store has it now (unless a read moved the horizon)
+            if self._keeps(updated, self.clock()):
+                self._schedule(updated)
+            else:
+                self._leave(updated)
 
     async def _apply(self, copy: Copy, decision: Decision, now: float, events: list[Event]) -> Copy:
         def note(kind: EventKind, target: str, detail: str) -> None:
@@ -420,40 +589,86 @@ class Scheduler:
 
     # --- what the queue looks like (metrics, at scrape time) ----------------------------------
     def queue_depth(self) -> int:
-        """Copies queued here: due, waiting to retry, or in an attempt."""
-        return len(self._copies)
+        """Queued copies: held here (due, waiting to retry, or in an attempt) and in the store
+        only (as counted at the last read, plus those left there since)."""
+        return len(self._copies) + self._later
 
     def oldest_age(self) -> float:
-        """Seconds since the oldest queued copy's message was accepted (0: none queued)."""
-        if not self._copies:
-            return 0.0
-        return max(self.clock() - min(c.received_at for c in self._copies.values()), 0.0)
+        """Seconds since the oldest queued copy's message was accepted (0: none queued). With
+        copies in the store only, its answer (`Store.oldest_queued`) is at most `_OLDEST_FOR`
+        seconds old: an older one is asked for, and the next scrape has it."""
+        now = self.clock()
+        oldest = min((c.received_at for c in self._copies.values()), default=math.inf)
+        if self._later:
+            at, stored = self._oldest_stored
+            if now - at > _OLDEST_FOR or now < at:
+                self._oldest_wanted = True
+                self._wake.set()
+            if stored is not None:
+                oldest = min(oldest, stored)
+        return 0.0 if oldest == math.inf else max(now - oldest, 0.0)
 
     # --- bookkeeping ------------------------------------------------------------------------
-    def _schedule(self, copy: Copy) -> None:
+    def _add(self, copy: Copy) -> Copy:
+        """Hold a copy (or its new state); returns it as held. A copy new here has its strings
+        interned: copies of one message share the queue id and sender, and targets repeat."""
+        if copy.id not in self._copies:
+            copy = replace(copy, queue_id=sys.intern(copy.queue_id), mail_from=sys.intern(copy.mail_from),
+                           recipient=sys.intern(copy.recipient), target=sys.intern(copy.target),
+                           origin=sys.intern(copy.origin))
+            self._by_message[copy.queue_id] = self._by_message.get(copy.queue_id, 0) + 1
         self._copies[copy.id] = copy
+        if self._arrived is not None:
+            self._arrived.add(copy.id)
+        return copy
+
+    def _schedule(self, copy: Copy) -> None:
+        copy = self._add(copy)
         heapq.heappush(self._heap, (copy.next_at, next(self._seq), copy.id))
+
+    def _leave(self, copy: Copy) -> None:
+        """A queued copy (committed as it is) is left to the store, beyond the horizon: read
+        again when its time nears."""
+        self._forget(copy)
+        self._later += 1
+        key = (copy.next_at, copy.id)
+        self._horizon = min(self._horizon, key)
+        if self._arrived is not None:  # a read is on its way: its horizon stays below this one
+            self._evicted = key if self._evicted is None else min(self._evicted, key)
+
+    def _compact(self) -> None:
+        """Drop the heap's entries of copies no longer held (left to the store, final)."""
+        self._heap = [e for e in self._heap if (c := self._copies.get(e[2])) is not None and c.next_at <= e[0]]
+        heapq.heapify(self._heap)
 
     def _forget(self, copy: Copy) -> bool:
         """Drop a copy from memory; True when it was its message's last one here."""
-        self._copies.pop(copy.id, None)
-        remaining = self._by_message.get(copy.queue_id)
-        if remaining is None:
+        if self._copies.pop(copy.id, None) is None:
             return False
-        remaining.discard(copy.id)
-        if remaining:
+        for dropped in self._dropping:
+            dropped.add(copy.id)
+        remaining = self._by_message.get(copy.queue_id, 0) - 1
+        if remaining > 0:
+            self._by_message[copy.queue_id] = remaining
             return False
-        del self._by_message[copy.queue_id]
+        self._by_message.pop(copy.queue_id, None)
         return True
 
     async def _finish_copy(self, copy: Copy) -> None:
+        """A copy is final. When it was its message's last one held here, the message is
+        finished unless the store still has one of its copies queued (left there, beyond the
+        horizon: the last of those to become final finishes it)."""
         if self._forget(copy):
             # A DSN may come back to the SRS sender later: keep the bytes for a detour then.
             keep = self.keep_for is not None and copy.mail_from != ""
-            await self.store.finish(copy.queue_id, self.clock() + self.keep_for if keep else None)  # type: ignore[operator]
+            keep_until = self.clock() + self.keep_for if keep else None  # type: ignore[operator]
+            await self.store.finish_if_done(copy.queue_id, keep_until)
 
 
 _STORE_RECHECK = 5.0  # seconds between looks at a store that could not write
+_READ_GAP = 1.0  # seconds at least between two reads planned by the horizon (not a read storm)
+_OLDEST_FOR = 5.0  # seconds the store's oldest queued copy is taken as known (the age gauge)
+_HEAP_SLACK = 1024  # heap entries of copies no longer held tolerated before a compaction
 _UNKNOWN = TemporaryFailure("no outcome reported for this recipient")
 # What the server log calls each decision (Postfix's status=).
 _STATUS = {Done: "sent", Retry: "deferred", Detour: "detoured", Quarantine: "quarantined", Bounce: "bounced",

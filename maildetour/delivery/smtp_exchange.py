@@ -32,13 +32,21 @@ import asyncio
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import cast
+from typing import Protocol, cast
 
 from aiosmtplib import SMTP
 
 from maildetour.delivery.smtp_errors import Disconnected
-from maildetour.delivery.smtp_pipeline import MalformedReply, Reply, ReplyParser
-
+from maildetour.delivery.smtp_pipeline import (
+    Finished,
+    MalformedReply,
+    Reply,
+    ReplyParser,
+    Send,
+    Stage,
+    Step,
+    Transaction,
+)
 
 # `send` hands the transport this much at a time, and waits while its buffer is full.
 _SLICE = 1 << 20
@@ -168,3 +176,27 @@ def borrow(smtp: SMTP) -> Iterator[Exchange]:
             transport.set_protocol(previous)
             if exchange.paused and isinstance(previous, asyncio.Protocol):
                 previous.pause_writing()  # its resume_writing will come to aiosmtplib
+
+
+class Connection(Protocol):
+    """A pooled connection of the SMTP or the LMTP agent."""
+
+    smtp: SMTP
+    unchecked: bool  # reused from idle: cleared by the first reply
+
+
+async def carry(connection: Connection, transaction: Transaction, *, command_timeout: float,
+                data_timeout: float) -> tuple[Finished, bool]:
+    """Run `transaction` on the connection: its bytes out (`Exchange.send`), its replies in, each
+    within `command_timeout`, or `data_timeout` for the replies to DATA and to the message. The
+    final step, and whether the exchange ended idle (nothing owed, nothing unread, no error)."""
+    with borrow(connection.smtp) as exchange:
+        step: Step = transaction.start()
+        while not isinstance(step, Finished):
+            if isinstance(step, Send):
+                await exchange.send(step.data, step.replies, command_timeout)
+            slow = transaction.waiting in (Stage.DATA, Stage.MESSAGE, Stage.EMPTY)
+            reply = await exchange.reply(data_timeout if slow else command_timeout)
+            connection.unchecked = False
+            step = transaction.receive(reply)
+        return step, exchange.idle

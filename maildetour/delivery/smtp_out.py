@@ -20,7 +20,6 @@ twice).
 from __future__ import annotations
 
 import dataclasses
-import re
 import ssl
 import time
 from typing import Mapping
@@ -38,13 +37,15 @@ from maildetour.core.outcome import (
 from maildetour.delivery.base import Job
 from maildetour.delivery.nexthop import DnsTemporary, NextHopResolver, NextHops, NoHost
 from maildetour.delivery.smtp_errors import Disconnected, outcome_for_error, where
-from maildetour.delivery.smtp_exchange import borrow
-from maildetour.delivery.smtp_pipeline import Finished, Send, Stage, Step, Transaction
+from maildetour.delivery.smtp_exchange import carry
+from maildetour.delivery.smtp_pipeline import (
+    Transaction,
+    Unsendable,
+    parameters,
+    sendable,
+)
 from maildetour.delivery.smtp_pool import Lease, Session, SmtpPool
 from maildetour.delivery.tls_policy import TlsMode, TlsPolicies
-
-# What may go between <> on a MAIL/RCPT line: no whitespace, controls or brackets.
-_WIRE_UNSAFE = re.compile(r"[\x00-\x20\x7f<>]")
 
 
 def _combine(failures: list[Outcome]) -> Outcome:
@@ -55,11 +56,6 @@ def _combine(failures: list[Outcome]) -> Outcome:
                 return failure
     reasons = "; ".join(f.reason for f in failures if isinstance(f, Unreachable))
     return Unreachable(reasons or "no next hop")
-
-
-def _size_limit(extensions: Mapping[str, str]) -> int | None:
-    value = extensions.get("size", "").strip()
-    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def _local_refusal(code: int, status: str, text: str, public: str) -> PermanentFailure:
@@ -88,11 +84,11 @@ class SmtpAgent:
         started = time.monotonic()
         results: dict[str, Outcome] = {}
         for rcpt in job.recipients:
-            if "@" not in rcpt or _WIRE_UNSAFE.search(rcpt):
+            if "@" not in rcpt or not sendable(rcpt):
                 results[rcpt] = _local_refusal(553, "5.1.3", "recipient address cannot be sent by SMTP",
                                                "the address cannot be used in SMTP")
         pending = [r for r in job.recipients if r not in results]
-        if pending and _WIRE_UNSAFE.search(job.mail_from):
+        if pending and not sendable(job.mail_from):
             refused = _local_refusal(553, "5.1.7", "sender address cannot be sent by SMTP",
                                      "the sender address cannot be used in SMTP")
             results.update((r, refused) for r in pending)
@@ -183,37 +179,16 @@ class SmtpAgent:
         smtp = session.smtp
         session.clean = False
         ext = smtp.esmtp_extensions
-        ascii_addresses = job.mail_from.isascii() and all(r.isascii() for r in job.recipients)
-        header = job.data.partition(b"\r\n\r\n")[0]
-        use_utf8 = "smtputf8" in ext and not (ascii_addresses and header.isascii())
-        limit = _size_limit(ext)
-        refusal: Outcome | None = None
-        if not ascii_addresses and not use_utf8:
-            refusal = _local_refusal(550, "5.6.7", "next hop does not support SMTPUTF8",
-                                     "the receiving system does not take international addresses")
-        elif limit is not None and len(job.data) > limit:
-            refusal = _local_refusal(552, "5.3.4", f"message size {len(job.data)} exceeds the next "
-                                     f"hop's limit {limit}", "the message is too big for the receiving system")
-        if refusal is not None:
+        plan = parameters(ext, job.mail_from, job.recipients, job.data)
+        if isinstance(plan, Unsendable):
+            refusal = _local_refusal(plan.code, plan.status, plan.text, plan.public)
             results.update((r, refusal) for r in job.recipients)
             return True
-        options = [f"SIZE={len(job.data)}"] if "size" in ext else []
-        if "8bitmime" in ext and not job.data.isascii():
-            options.append("BODY=8BITMIME")
-        if use_utf8:
-            options.append("SMTPUTF8")
-        transaction = Transaction(job.mail_from, job.recipients, options, data=job.data, utf8=use_utf8,
+        transaction = Transaction(job.mail_from, job.recipients, plan.options, data=job.data, utf8=plan.utf8,
                                   pipelining="pipelining" in ext)
-        with borrow(smtp) as exchange:
-            step: Step = transaction.start()
-            while not isinstance(step, Finished):
-                if isinstance(step, Send):
-                    await exchange.send(step.data, step.replies, self._command_timeout)
-                slow = transaction.waiting in (Stage.DATA, Stage.MESSAGE, Stage.EMPTY)
-                reply = await exchange.reply(self._data_timeout if slow else self._command_timeout)
-                session.unchecked = False
-                step = transaction.receive(reply)
-            reusable = exchange.idle and not step.closing
+        step, idle = await carry(session, transaction, command_timeout=self._command_timeout,
+                                 data_timeout=self._data_timeout)
+        reusable = idle and not step.closing
         session.clean = step.clean
         results.update((r, classify_reply(answer.code, answer.text)) for r, answer in step.replies.items())
         return reusable and smtp.is_connected

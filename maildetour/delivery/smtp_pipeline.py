@@ -1,4 +1,5 @@
-"""One outbound SMTP mail transaction (RFC 5321; RFC 2920 PIPELINING) as a state machine.
+"""One outbound SMTP or LMTP mail transaction (RFC 5321; RFC 2920 PIPELINING; RFC 2033 LMTP)
+as a state machine.
 
 Sans-I/O, in h11's style: the server's bytes go into `ReplyParser.feed`, which returns the
 complete replies they finish, in order, however the bytes were split across reads (one reply
@@ -20,6 +21,15 @@ decided, and no further reply is awaited. The message goes only after a 354, wit
 endings made CRLF and dot-stuffed (RFC 5321 4.5.2), exactly as aiosmtplib's `data` sent it.
 `Finished.clean` is true only after the reply to the end of a message: the server has reset
 its transaction (RFC 5321 4.1.1.4), so the next one needs no RSET.
+
+LMTP (RFC 2033, `lmtp=True`) is the same transaction with one difference after the final
+".": one reply per accepted recipient, in the order of their RCPTs (4.2), each deciding its
+own recipient's copy (Dovecot: "250 2.0.0 <a@b> Saved" for one, "552 5.2.2 <c@d> Quota
+exceeded" for the next). A 354 when no recipient was accepted cannot happen in LMTP (DATA must
+then fail with 503, 4.2); if it does, nothing is sent and the session is closed (`closing`),
+since no count of replies to a "." would be right. `parameters` says what MAIL FROM carries
+(SIZE, BODY=8BITMIME, SMTPUTF8) for the extensions a server offered, or why the message could
+never go there; both agents use it.
 
 Pure: no sockets, no asyncio, no clock. Exposure: the replies come from remote (untrusted)
 servers: a reply line is at most MAX_LINE bytes and a reply at most MAX_REPLY, else
@@ -46,6 +56,8 @@ MAX_REPLY = 4 * MAX_LINE
 _LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+# What may not go between <> on a MAIL/RCPT line: whitespace, controls, brackets.
+_WIRE_UNSAFE = re.compile(r"[\x00-\x20\x7f<>]")
 _ACCEPTED_RCPT = (250, 251)
 _CLOSING = 421
 
@@ -114,6 +126,11 @@ def command(*words: bytes) -> bytes:
     return b" ".join(words) + b"\r\n"
 
 
+def sendable(address: str) -> bool:
+    """Whether `address` can go between <> on a MAIL or RCPT line ("" can: the null sender)."""
+    return not _WIRE_UNSAFE.search(address)
+
+
 def message_bytes(data: bytes) -> bytes:
     """What follows a 354: the message with CRLF line endings (and a final one), every line
     that starts with "." given another (RFC 5321 4.5.2), and the terminating ".\\r\\n"."""
@@ -123,13 +140,59 @@ def message_bytes(data: bytes) -> bytes:
     return _LEADING_DOT.sub(b"..", data) + b".\r\n"
 
 
+@dataclass(frozen=True, slots=True)
+class Parameters:
+    """What MAIL FROM carries for one message at one server."""
+
+    options: tuple[str, ...]  # "SIZE=123", "BODY=8BITMIME", "SMTPUTF8"
+    utf8: bool  # addresses go as UTF-8 (SMTPUTF8, RFC 6531)
+
+
+@dataclass(frozen=True, slots=True)
+class Unsendable:
+    """The server could never take the message as it is: refused by us, never sent."""
+
+    code: int
+    status: str
+    text: str  # for the operator
+    public: str  # for anyone
+
+
+def _size_limit(extensions: Mapping[str, str]) -> int | None:
+    value = extensions.get("size", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def parameters(extensions: Mapping[str, str], mail_from: str, recipients: Sequence[str],
+               data: bytes) -> Parameters | Unsendable:
+    """MAIL FROM's parameters for `data` at a server that offered `extensions` (EHLO's or
+    LHLO's keywords, lowercased), or why it cannot go there: international addresses without
+    SMTPUTF8, or more bytes than its SIZE."""
+    ascii_addresses = mail_from.isascii() and all(r.isascii() for r in recipients)
+    header = data.partition(b"\r\n\r\n")[0]
+    utf8 = "smtputf8" in extensions and not (ascii_addresses and header.isascii())
+    limit = _size_limit(extensions)
+    if not ascii_addresses and not utf8:
+        return Unsendable(550, "5.6.7", "next hop does not support SMTPUTF8",
+                          "the receiving system does not take international addresses")
+    if limit is not None and len(data) > limit:
+        return Unsendable(552, "5.3.4", f"message size {len(data)} exceeds the next hop's limit {limit}",
+                          "the message is too big for the receiving system")
+    options = [f"SIZE={len(data)}"] if "size" in extensions else []
+    if "8bitmime" in extensions and not data.isascii():
+        options.append("BODY=8BITMIME")
+    if utf8:
+        options.append("SMTPUTF8")
+    return Parameters(tuple(options), utf8)
+
+
 class Stage(enum.Enum):
     """What a reply answers."""
 
     MAIL = "MAIL"
     RCPT = "RCPT"
     DATA = "DATA"
-    MESSAGE = "end of message"
+    MESSAGE = "end of message"  # LMTP: one such reply per accepted recipient
     EMPTY = "empty message"  # the "." sent alone after a 354 nobody wanted (RFC 2920 3.1)
 
 
@@ -158,13 +221,14 @@ Step = Send | NeedReply | Finished
 
 
 class Transaction:
-    """MAIL, RCPT each, DATA, the message: one transaction's commands and replies."""
+    """MAIL, RCPT each, DATA, the message: one transaction's commands and replies (LMTP's
+    with `lmtp`: a reply per accepted recipient after the message)."""
 
-    __slots__ = ("_mail", "_recipients", "_rcpt_lines", "_data", "_pipelining", "_owed",
+    __slots__ = ("_mail", "_recipients", "_rcpt_lines", "_data", "_pipelining", "_lmtp", "_owed",
                  "_next_rcpt", "_mail_refused", "_accepted", "_replies", "_finished")
 
     def __init__(self, mail_from: str, recipients: Sequence[str], options: Sequence[str], *,
-                 data: bytes, utf8: bool, pipelining: bool) -> None:
+                 data: bytes, utf8: bool, pipelining: bool, lmtp: bool = False) -> None:
         if not recipients:
             raise ValueError("a transaction needs at least one recipient")
         encoding = "utf-8" if utf8 else "ascii"
@@ -174,12 +238,21 @@ class Transaction:
         self._rcpt_lines = [command(b"RCPT", b"TO:<" + r.encode(encoding) + b">") for r in recipients]
         self._data = data
         self._pipelining = pipelining
-        self._owed: deque[tuple[Stage, int]] = deque()  # replies still to come: (stage, rcpt index)
+        self._lmtp = lmtp
+        # Replies still to come: (stage, index): a RCPT's index in the recipients; after an LMTP
+        # message, the index of an accepted recipient.
+        self._owed: deque[tuple[Stage, int]] = deque()
         self._next_rcpt = 0  # lock-step: the next RCPT to send
         self._mail_refused = False
         self._accepted: list[str] = []
         self._replies: dict[str, Reply] = {}
         self._finished: Finished | None = None
+
+    @property
+    def decided(self) -> Mapping[str, Reply]:
+        """The recipients a reply has decided so far, with it: after a connection lost in an
+        LMTP transaction, those already saved stay saved (not sent again)."""
+        return dict(self._replies)
 
     @property
     def waiting(self) -> Stage | None:
@@ -222,6 +295,9 @@ class Transaction:
                 return self._next_command()
             case Stage.DATA:
                 return self._after_data_reply(reply)
+            case Stage.MESSAGE if self._lmtp:
+                self._replies[self._accepted[index]] = reply
+                return NEED_REPLY if self._owed else self._finish(clean=True)
             case Stage.MESSAGE:
                 self._replies.update((r, reply) for r in self._accepted)
                 return self._finish(clean=True)
@@ -245,6 +321,11 @@ class Transaction:
 
     def _after_data_reply(self, reply: Reply) -> Step:
         wanted = self._accepted and not self._mail_refused
+        if reply.code == 354 and self._lmtp:
+            if not wanted:  # RFC 2033 4.2 says 503 here: a server that says 354 is not trusted further
+                return self._finish(clean=False, closing=True)
+            self._owed.extend((Stage.MESSAGE, i) for i in range(len(self._accepted)))
+            return Send(message_bytes(self._data), len(self._accepted))
         if reply.code == 354:
             self._owed.append((Stage.MESSAGE, -1) if wanted else (Stage.EMPTY, -1))
             return Send(message_bytes(self._data) if wanted else b".\r\n", 1)

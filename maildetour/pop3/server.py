@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from maildetour.config.model import Pop3Settings
 from maildetour.core.client_key import client_key
@@ -288,8 +289,8 @@ class _Connection(asyncio.Protocol):
 
     # --- asyncio.Protocol callbacks ----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A cast, not isinstance: uvloop's transports are no asyncio.Transport subclasses.
+        self._transport = transport = cast(asyncio.Transport, transport)
         service = self._service
         peer = transport.get_extra_info("peername")
         self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""

@@ -1,9 +1,14 @@
 """The store interface: messages, their copies and events, kept durably; the queue's owner.
 
-Internal. The embedded implementation is `store.sqlite` (SQLite + spool files); a PostgreSQL
-store for several nodes can implement the same protocol, and the scheduler, the inbound side
-and the operator's commands (`maildetour queue`, `trace`) use nothing else: no module outside
-`store/` knows SQL.
+Internal. The embedded implementation is `store.sqlite` (SQLite + spool files); `store.postgres`
+keeps the queue of several nodes in PostgreSQL behind the same protocol, and the scheduler, the
+inbound side and the operator's commands (`maildetour queue`, `trace`) use nothing else: no
+module outside `store/` knows SQL.
+Several nodes (`store.postgres`): a copy is attempted only by the node that holds its lease.
+`accept` leases the new copies to the accepting node; every attempt `claim`s its copies first
+(granted at once for copies this node holds already); an attempt's `update` releases the lease;
+`unfinished` and `due` leave out copies another live node holds; `listen` hears the other
+nodes. With one node (SQLite) these cost nothing: every claim is granted.
 Contract: when `accept` returns, the message bytes, its copies and its events are on disk
 (fsync'ed); a crash after that loses nothing. Updates after acceptance may be lost in a crash
 (the copy is simply tried again: at-least-once). Every change of a copy's state is written
@@ -15,10 +20,10 @@ while a copy is marked in an attempt (`started`), which the operator's `queue de
 
 from __future__ import annotations
 
-from typing import Awaitable, Protocol, Sequence
+from typing import Awaitable, Callable, Protocol, Sequence
 
 from maildetour.store.listing import BytesGone, InFlight, QueueListing, QueueQuery
-from maildetour.store.records import Copy, CopyState, Event, Message, NewCopy, Story
+from maildetour.store.records import Copy, CopyState, DueCopies, Event, Message, NewCopy, Story
 from maildetour.store.retention import RetentionReport
 
 
@@ -33,12 +38,31 @@ class Store(Protocol):
     def update(self, copy: Copy, events: Sequence[Event]) -> Awaitable[bool]:
         """Write a copy's new state together with the events that explain it. Queued at once,
         so updates commit in the order they were asked for; await the result for the commit.
-        False when the operator held or deleted the copy meanwhile (its state was kept; events
-        are written)."""
+        False when the operator held or deleted the copy meanwhile, or (several nodes) another
+        node took it over after this one's lease ran out (its state was kept; events are
+        written: each attempt is recorded once). Releases this node's lease on the copy."""
+        ...
+
+    async def claim(self, copies: Sequence[Copy], now: float) -> list[Copy]:
+        """Before an attempt: the copies this node may attempt now, leased to it. Left out (and
+        to be forgotten by the caller): copies another live node holds, and copies no longer
+        queued at the target and attempt count given (another node moved them on; the store
+        has them as they are). One node: all of them, at once."""
         ...
 
     async def unfinished(self) -> list[Copy]:
         """Every queued copy (at start-up: what was in flight is due again)."""
+        ...
+
+    async def due(self, before: float, limit: int) -> DueCopies:
+        """Queued copies due before `before`, soonest first (by due time, then id), at most
+        `limit`, and how many queued copies come after them (one read: the scheduler holds
+        only these in memory). Cheap however long the queue: an index on the due time."""
+        ...
+
+    async def oldest_queued(self) -> float | None:
+        """When the oldest message with a queued copy was received (None: nothing queued). For
+        the queue gauge; cheap (an index walk, not a scan)."""
         ...
 
     async def read(self, queue_id: str) -> bytes:
@@ -47,6 +71,12 @@ class Store(Protocol):
     async def finish(self, queue_id: str, keep_until: float | None = None) -> None:
         """All copies are final: the message bytes may go (quarantined ones are kept, and
         with `keep_until` they stay until then, for late bounces)."""
+        ...
+
+    async def finish_if_done(self, queue_id: str, keep_until: float | None = None) -> bool:
+        """`finish` the message unless one of its copies is still queued, checked in the same
+        transaction; True when it was finished. The scheduler asks this when the last copy of a
+        message it holds in memory becomes final: its other copies may be in the store only."""
         ...
 
     async def find_copy(self, key: str, target: str) -> Copy | None:
@@ -70,9 +100,12 @@ class Store(Protocol):
         """Copies in `states` (None: all), by queue id, at most `limit` (`queue`)."""
         ...
 
-    async def flush(self, now: float, *, queue_id: str | None = None, dest: str | None = None) -> int:
+    async def flush(self, now: float, *, queue_id: str | None = None, dest: str | None = None,
+                    later_only: bool = False) -> int:
         """Queued copies (of `queue_id`, going to `dest`: an address, imap:NAME or a domain; None:
-        any) are due at `now`; return how many; event "flushed" on each message (`queue flush`)."""
+        any) are due at `now`; return how many; event "flushed" on each message (`queue flush`).
+        `later_only`: only copies due after `now` (the server's SIGUSR1, after the command
+        already made every copy due, changes nothing and writes no second event)."""
         ...
 
     async def hold(self, queue_id: str, now: float) -> int:
@@ -137,6 +170,12 @@ class Store(Protocol):
     # --- running -------------------------------------------------------------------------------
     async def run(self) -> None:
         """The writer: runs until cancelled (owned by the app's TaskGroup)."""
+        ...
+
+    async def listen(self, reload: Callable[[], None], flush: Callable[[], None]) -> None:
+        """Until cancelled: call `reload` when other nodes may have left copies for this one (a
+        node died or stopped, the operator changed the queue elsewhere) and `flush` when the
+        operator made every copy due. One node: returns at once (signals do this)."""
         ...
 
     def close(self) -> None:

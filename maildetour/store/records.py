@@ -75,6 +75,15 @@ class Copy:
 
 
 @dataclass(frozen=True, slots=True)
+class DueCopies:
+    """The queued copies due soonest (by due time, then id) and how many queued copies come
+    after them: what the scheduler holds in memory, and what it leaves in the store."""
+
+    copies: tuple[Copy, ...]
+    later: int
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
     at: float
     queue_id: str

@@ -99,8 +99,16 @@ MIGRATIONS: tuple[Migration, ...] = (
         "ALTER TABLE copies ADD COLUMN attempt_started REAL",
         "CREATE INDEX copies_in_flight ON copies(id) WHERE attempt_started IS NOT NULL",
     )),
+    # Memory (issue 13): the scheduler holds only the copies due soon and asks the store for
+    # the next ones by due time (then id: the index carries the rowid), however long the queue.
+    Migration(5, "the index of queued copies by due time", (
+        "CREATE INDEX copies_due ON copies(next_at) WHERE state = 'queued'",
+    )),
 )
 VERSION = MIGRATIONS[-1].version
+# How long a statement waits for a lock another connection holds (the server's writer, an
+# intake worker's, a backup) before SQLITE_BUSY.
+BUSY_TIMEOUT_MS = 5000
 
 
 class SchemaTooNew(OSError):
@@ -144,7 +152,7 @@ def open_database(path: Path, *, readonly: bool = False, upgrade: bool = True,
     else:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
-        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         found = read_version(conn)
         if found > VERSION:
             raise SchemaTooNew(path, found)

@@ -36,13 +36,14 @@ from maildetour.store.records import (
     FINAL_STATES,
     Copy,
     CopyState,
+    DueCopies,
     Event,
     Message,
     NewCopy,
     Story,
 )
 from maildetour.store.retention import RetentionReport
-from maildetour.store.schema import open_database
+from maildetour.store.schema import BUSY_TIMEOUT_MS, open_database
 from maildetour.store.spool import Spool
 
 T = TypeVar("T")
@@ -89,6 +90,10 @@ _MARK_AFTER = 0.1
 # States an attempt's update must not overwrite: the operator's hand wins.
 _OPERATOR_STATES = "('held', 'deleted')"
 _FINAL = "(" + ", ".join(f"'{s}'" for s in FINAL_STATES) + ")"
+# The write lock held by another process (an intake worker's writer, or the main process's):
+# first retry after 0.1 ms, then twice as long each time up to 2 ms, for at most 30 s.
+_SQLITE_BUSY = 5
+_BUSY_FIRST, _BUSY_LONGEST, _BUSY_WAIT = 0.0001, 0.002, 30.0
 # Messages per transaction when `purge` removes kept bytes (tens of milliseconds each).
 _PURGE_BATCH = 500
 
@@ -175,7 +180,7 @@ class SqliteStore:
         try:
             if any(op.needs_spool_sync for op in batch):
                 self.spool.sync()
-            self._conn.execute("BEGIN IMMEDIATE")
+            self._begin()
             for op in batch:
                 self._conn.execute("SAVEPOINT op")
                 try:
@@ -199,6 +204,28 @@ class SqliteStore:
         except Exception:  # nor a bug in the audit log
             log.exception("audit log not written: the events are in the queue database")
         return results
+
+    def _begin(self) -> None:
+        """BEGIN IMMEDIATE: take the write lock, which the SMTP intake workers (other processes,
+        each with a writer of its own) take too. SQLite's busy handler would sleep 1, 2, 5, 10 ms
+        between tries; a transaction holds the lock about a millisecond (one WAL fsync), so we
+        try again sooner (`_BUSY_FIRST` doubling to `_BUSY_LONGEST`), for at most `_BUSY_WAIT`,
+        then fail the batch like any other write (inbound 451; delivery tries again)."""
+        conn = self._conn
+        conn.execute("PRAGMA busy_timeout=0")
+        try:
+            delay, deadline = _BUSY_FIRST, time.monotonic() + _BUSY_WAIT
+            while True:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as exc:
+                    if getattr(exc, "sqlite_errorcode", 0) & 0xFF != _SQLITE_BUSY or time.monotonic() > deadline:
+                        raise
+                time.sleep(delay)
+                delay = min(delay * 2, _BUSY_LONGEST)
+        finally:
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
     def _log(self, events: Any) -> None:
         assert self._audit is not None
@@ -285,8 +312,59 @@ class SqliteStore:
 
         return self._enqueue(write, events=events)
 
+    async def claim(self, copies: Sequence[Copy], now: float) -> list[Copy]:
+        """One node: every copy is this node's to attempt (no lease, no write)."""
+        return list(copies)
+
+    async def listen(self, reload: Callable[[], None], flush: Callable[[], None]) -> None:
+        """One node: nobody else to hear (the operator's commands signal the server)."""
+        return None
+
     async def unfinished(self) -> list[Copy]:
         return await self._submit(lambda conn: _copies(conn, "WHERE c.state = 'queued' ORDER BY c.next_at"))
+
+    async def due(self, before: float, limit: int) -> DueCopies:
+        """Two ranges of the `copies_due` index, in one transaction (the writer's). INDEXED BY:
+        without ANALYZE's statistics SQLite prefers `copies_queued` (state = ?), then sorts all
+        of them: 30 ms instead of 4 for 100,000 queued copies."""
+        def read(conn: sqlite3.Connection) -> DueCopies:
+            found = [_copy(r) for r in conn.execute(
+                f"SELECT {_COPY_COLUMNS} FROM copies c INDEXED BY copies_due JOIN messages m USING (queue_id)"
+                " WHERE c.state = 'queued' AND c.next_at < ? ORDER BY c.next_at, c.id LIMIT ?", (before, limit))]
+            after = "next_at >= ?" if len(found) < limit else "next_at >= ? AND (next_at > ? OR id > ?)"
+            args = (before,) if len(found) < limit else (found[-1].next_at, found[-1].next_at, found[-1].id)
+            later = conn.execute(f"SELECT count(*) FROM copies INDEXED BY copies_due WHERE state = 'queued'"
+                                 f" AND {after}", args).fetchone()[0]
+            return DueCopies(tuple(found), int(later))
+
+        return await self._submit(read)
+
+    async def oldest_queued(self) -> float | None:
+        """The unfinished messages oldest first (`messages_unfinished`), up to the first with a
+        queued copy: usually the first one. (A copy a late bounce queued again after its message
+        finished is not seen here; the scheduler holds that one in memory.)"""
+        def read(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute("SELECT m.received_at FROM messages m WHERE m.finished = 0 AND EXISTS"
+                               " (SELECT 1 FROM copies c WHERE c.queue_id = m.queue_id AND c.state = 'queued')"
+                               " ORDER BY m.received_at LIMIT 1").fetchone()
+            return None if row is None else float(row[0])
+
+        return await self._submit(read)
+
+    async def new_copies(self, after: int, upto: int | None = None) -> tuple[list[Copy], int]:
+        """Queued copies with an id above `after` (and at most `upto`), and the highest copy id
+        now. Ids grow in commit order whichever process commits (SQLite gives a new row the
+        largest id + 1, under the one write lock), so calls that go on from the last one's
+        highest id see every copy committed meanwhile: how the main process finds copies an
+        intake worker committed but could not announce (`intake_workers`). One index range,
+        however long the queue."""
+        def read(conn: sqlite3.Connection) -> tuple[list[Copy], int]:
+            top = int(conn.execute("SELECT coalesce(max(id), 0) FROM copies").fetchone()[0])
+            start = after if top >= after else 0  # the newest rows were removed: ids start again
+            end = top if upto is None else min(upto, top)
+            return _copies(conn, "WHERE c.id > ? AND c.id <= ? AND c.state = 'queued'", (start, end)), top
+
+        return await self._submit(read)
 
     async def read(self, queue_id: str) -> bytes:
         data = self._cache.get(queue_id)
@@ -297,17 +375,29 @@ class SqliteStore:
 
     async def finish(self, queue_id: str, keep_until: float | None = None) -> None:
         self._cache.drop(queue_id)
+        await self._submit(lambda conn: self._mark_finished(conn, queue_id, keep_until))
 
-        def mark(conn: sqlite3.Connection) -> None:
-            # finished_at (retention counts from it): the time of the message's last event, its
-            # last copy's outcome, on the clock of whoever wrote it.
-            conn.execute("UPDATE messages SET finished=1, keep_until=?, finished_at=coalesce("
-                         "(SELECT max(at) FROM events WHERE queue_id=?), received_at) WHERE queue_id=?",
-                         (keep_until, queue_id, queue_id))
-            if keep_until is None:
-                self._remove_unless_held(conn, queue_id)
+    async def finish_if_done(self, queue_id: str, keep_until: float | None = None) -> bool:
+        def mark(conn: sqlite3.Connection) -> bool:
+            if conn.execute("SELECT 1 FROM copies WHERE queue_id=? AND state='queued' LIMIT 1",
+                            (queue_id,)).fetchone() is not None:
+                return False
+            self._mark_finished(conn, queue_id, keep_until)
+            return True
 
-        await self._submit(mark)
+        done = await self._submit(mark)
+        if done:
+            self._cache.drop(queue_id)
+        return done
+
+    def _mark_finished(self, conn: sqlite3.Connection, queue_id: str, keep_until: float | None) -> None:
+        # finished_at (retention counts from it): the time of the message's last event, its
+        # last copy's outcome, on the clock of whoever wrote it.
+        conn.execute("UPDATE messages SET finished=1, keep_until=?, finished_at=coalesce("
+                     "(SELECT max(at) FROM events WHERE queue_id=?), received_at) WHERE queue_id=?",
+                     (keep_until, queue_id, queue_id))
+        if keep_until is None:
+            self._remove_unless_held(conn, queue_id)
 
     def _remove_unless_held(self, conn: sqlite3.Connection, queue_id: str) -> None:
         """Remove the bytes unless a copy may still need them. In the writer thread: no extra
@@ -426,9 +516,11 @@ class SqliteStore:
         return await self._submit(lambda conn: _copies(
             conn, f"{where} ORDER BY c.queue_id, c.id LIMIT ?", (*(states or ()), limit)))
 
-    async def flush(self, now: float, *, queue_id: str | None = None, dest: str | None = None) -> int:
+    async def flush(self, now: float, *, queue_id: str | None = None, dest: str | None = None,
+                    later_only: bool = False) -> int:
         events: list[Event] = []
-        return await self._submit(lambda conn: queue_sql.flush(conn, now, queue_id, dest, events), events=events)
+        return await self._submit(lambda conn: queue_sql.flush(conn, now, queue_id, dest, events, later_only),
+                                  events=events)
 
     async def hold(self, queue_id: str, now: float) -> int:
         return await self._operator(queue_id, now, "held", "held", "('queued')",

@@ -128,10 +128,14 @@ def in_flight(conn: sqlite3.Connection, queue_id: str) -> tuple[int, ...]:
 
 
 def flush(conn: sqlite3.Connection, now: float, queue_id: str | None, dest: str | None,
-          events: list[Event]) -> int:
-    """Queued copies (of `queue_id`, going to `dest`; None: any) are due at `now`; one "flushed"
-    event per message says how many of its copies."""
-    clauses, args = ["c.state = 'queued'"], []
+          events: list[Event], later_only: bool = False) -> int:
+    """Queued copies (of `queue_id`, going to `dest`; None: any; with `later_only`, due after
+    `now`) are due at `now`; one "flushed" event per message says how many of its copies."""
+    clauses: list[str] = ["c.state = 'queued'"]
+    args: list[object] = []
+    if later_only:
+        clauses.append("c.next_at > ?")
+        args.append(now)
     if queue_id is not None:
         clauses.append("c.queue_id = ?")
         args.append(queue_id)

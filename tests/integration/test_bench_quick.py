@@ -1,8 +1,9 @@
 """The benchmark harness works: its quick mode, maildetour half only, produces numbers of the
 right shape (issue 5). Speed is never asserted here — only that every figure was measured.
 
-Runs `python3 -m bench run --quick --systems maildetour` as a subprocess (about 30 s): the real
-server, the stand-in gmail, smtp-source and the inotify watcher, all on loopback.
+Runs `python3 -m bench run --quick --systems maildetour` as a subprocess (about 45 s): the real
+server, the stand-in gmail, smtp-source and the inotify watcher, all on loopback, and the run
+with DKIM signing on (its copies verified by dkimpy and by OpenDKIM).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def _distribution_ok(dist: dict[str, float], n: int) -> None:
 def test_quick_mode_measures_every_figure_for_maildetour(tmp_path: Path) -> None:
     need("smtp-source", "postfix")
     need("dovecot", "dovecot-imapd")
+    need("opendkim", "opendkim")  # the DKIM run's second verifier
     out = tmp_path / "results"
     run = subprocess.run(
         [sys.executable, "-m", "bench", "run", "--quick", "--systems", "maildetour", "--out", str(out)],
@@ -67,6 +69,12 @@ def test_quick_mode_measures_every_figure_for_maildetour(tmp_path: Path) -> None
         assert t["messages"] == QUICK.throughput and t["refused_share"] == share
         assert t["accepted_per_s"] > 0 and t["delivered_per_s"] > 0 and t["cpu_seconds"] > 0
 
+    signed = got["throughput_dkim"]  # signing on: every copy at the stand-in signed, kept ones verify
+    assert signed["messages"] == QUICK.dkim and signed["signed_copies"] == signed["gmail_copies"] == QUICK.dkim
+    verified = signed["verified"]
+    assert verified["checked"] > 0 and verified["dkim_pass"] == verified["opendkim_pass"] == verified["checked"]
+    assert signed["cpu_ms_per_msg"] > 0
+
     memory = result["memory"]
     assert memory["messages"] == QUICK.memory
     assert memory["rss_deferred_mb"] > 0 and memory["peak_rss_load_mb"] >= memory["rss_deferred_mb"]
@@ -74,4 +82,5 @@ def test_quick_mode_measures_every_figure_for_maildetour(tmp_path: Path) -> None
 
     table = (out / "results.md").read_text()
     assert "success path p50" in table and "deferred-queue run" in table and "detour into IMAP p50" in table
+    assert "DKIM signing on: CPU per message" in table
     assert not (out / "work").exists()  # working directories are cleaned up

@@ -1,4 +1,5 @@
-"""A private Dovecot IMAP server on loopback, with TLS from a test CA: the peer of `imap_out`.
+"""A private Dovecot IMAP server on loopback, with TLS from a test CA: the peer of `imap_out`,
+and with `lmtp=True` also the mail store the LMTP agent hands mailbox copies to (issue 14).
 
 What it does: `running_dovecot(...)` writes a Dovecot config into a fresh directory, runs
 `dovecot -F` as a child of the test, waits for its ports, yields a `DovecotPeer`, and stops it
@@ -11,12 +12,18 @@ on exit. The instance has:
   mail access as root; the tests run as root); a refused login is answered at once
   (`auth_failure_delay = 0`);
 - with `quota="1k"`: the quota plugin with a storage limit, so a bigger APPEND gets
-  `NO [OVERQUOTA]`;
+  `NO [OVERQUOTA]`; with `quotas={user: "1k"}` a limit for those users only (a userdb field
+  in the passwd-file; LMTP then answers `552 5.2.2 <user> Quota exceeded`);
+- `more_users`: more passwd-file users with the same password (a user not listed there gets
+  `550 5.1.1 <user> User doesn't exist` at LMTP's RCPT);
+- with `lmtp=True` (Debian `dovecot-lmtpd`): an LMTP listener on 127.0.0.1 (`lmtp_port`) and
+  a Unix socket (`lmtp_socket`, by default `base/lmtp`; give a path to know it before Dovecot
+  starts);
 - with `oauth2_token="..."`: SASL XOAUTH2 and OAUTHBEARER through `passdb { driver = oauth2 }`,
   whose introspection URL is a tiny HTTP server in this process (a thread on loopback) that
   answers `{"active": true, "username": user}` for exactly that token and `{"active": false}`
   for anything else (the tokens it was asked about are in `introspected`).
-Helpers read the mailbox back over IMAP with the stdlib client (TLS verified with the test CA;
+Helpers read a mailbox back over IMAP with the stdlib client (TLS verified with the test CA;
 it logs in with SASL LOGIN, so its logins are told apart from the agent's), count the agent's
 logins in Dovecot's log, and end sessions (`doveadm kick`).
 
@@ -42,7 +49,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,9 +63,10 @@ _START_TIMEOUT = 15.0  # seconds for Dovecot to listen
 _LOG_TIMEOUT = 5.0  # seconds for Dovecot's log process to write a line we wait for
 _STOP_GRACE = 0.5  # seconds Dovecot gets to stop by itself before its processes are killed
 HOST = "127.0.0.1"
+LMTP_SERVICE = "/usr/lib/dovecot/lmtp"
 
 _CONFIG = """\
-protocols = imap
+protocols = imap{protocols}
 listen = {host}
 base_dir = {base}/run
 state_dir = {base}/state
@@ -85,12 +93,14 @@ passdb {{
 }}
 {oauth2_passdb}
 userdb {{
-  driver = static
-  args = uid={uid} gid={gid} home={base}/home/%Lu
+  driver = passwd-file
+  args = username_format=%Lu {base}/passwd
+  default_fields = uid={uid} gid={gid} home={base}/home/%Lu
 }}
 service auth {{
   user = root
 }}
+{lmtp_service}
 service imap-login {{
   inet_listener imap {{
     address = {host}
@@ -104,6 +114,18 @@ service imap-login {{
 }}
 plugin {{
 {plugin}
+}}
+"""
+
+_LMTP_SERVICE = """\
+service lmtp {{
+  inet_listener lmtp {{
+    address = {host}
+    port = {port}
+  }}
+  unix_listener {socket} {{
+    mode = 0666
+  }}
 }}
 """
 
@@ -146,19 +168,23 @@ class DovecotPeer:
     config: Path
     log_path: Path
     introspected: list[str] = field(default_factory=list)  # tokens the oauth2 passdb asked about
+    lmtp_port: int = 0  # with lmtp=True: LMTP on host:lmtp_port
+    lmtp_socket: Path | None = None  # with lmtp=True: LMTP on this Unix socket
 
-    def client(self) -> imaplib.IMAP4_SSL:
-        """A logged-in stdlib client over implicit TLS, verified against `ca_file`. It logs in
-        with SASL LOGIN (Dovecot logs "method=LOGIN"), so `logins()` can leave it out."""
+    def client(self, user: str | None = None) -> imaplib.IMAP4_SSL:
+        """A logged-in stdlib client over implicit TLS, verified against `ca_file`, as `user`
+        (default: `self.user`; every user has `password`). It logs in with SASL LOGIN (Dovecot
+        logs "method=LOGIN"), so `logins()` can leave it out."""
         context = ssl.create_default_context(cafile=str(self.ca_file))
         client = imaplib.IMAP4_SSL(self.host, self.imaps_port, ssl_context=context, timeout=10)
-        answers = iter((self.user, self.password))
+        answers = iter((user or self.user, self.password))
         client.authenticate("LOGIN", lambda challenge: next(answers).encode())
         return client
 
-    def messages(self, folder: str = "INBOX") -> list[StoredMessage]:
-        """Every message in `folder`, in order, with its exact bytes, internal date and flags."""
-        client = self.client()
+    def messages(self, folder: str = "INBOX", user: str | None = None) -> list[StoredMessage]:
+        """Every message in `folder` of `user` (default: `self.user`), in order, with its exact
+        bytes, internal date and flags."""
+        client = self.client(user)
         try:
             status, count = client.select(_quote(folder), readonly=True)
             assert status == "OK", f"cannot select {folder!r}"
@@ -225,13 +251,17 @@ def _quote(folder: str) -> str:
 @contextmanager
 def running_dovecot(*, user: str = "ituki@gm.example.net", password: str = "pa ss\"word\\1",
                     cert_names: Sequence[str] = ("localhost", HOST), quota: str | None = None,
-                    oauth2_token: str | None = None) -> Iterator[DovecotPeer]:
+                    oauth2_token: str | None = None, more_users: Sequence[str] = (),
+                    quotas: Mapping[str, str] | None = None, lmtp: bool = False,
+                    lmtp_socket: Path | None = None) -> Iterator[DovecotPeer]:
     """Run a private Dovecot on 127.0.0.1 until the block exits (see the module header).
 
     `password` defaults to one with a space, a quote and a backslash: LOGIN must quote it.
     """
     program = need("dovecot", "dovecot-imapd")
     need("doveadm", "dovecot-core")
+    if lmtp:
+        need(LMTP_SERVICE, "dovecot-lmtpd")  # Debian's path of the lmtp service Dovecot runs
     if os.geteuid() != 0:
         peer_unavailable("the Dovecot peer runs Dovecot as root (privilege separation)")
     base = Path(tempfile.mkdtemp(prefix="maildetour-dovecot-"))
@@ -239,7 +269,9 @@ def running_dovecot(*, user: str = "ituki@gm.example.net", password: str = "pa s
     introspected: list[str] = []
     http_server = _start_introspection(user, oauth2_token, introspected) if oauth2_token else None
     try:
-        peer = _write_config(base, user, password, cert_names, quota, http_server, introspected)
+        users = _Users([user, *more_users], password, dict(quotas or {}))
+        peer = _write_config(base, users, cert_names, quota, http_server, introspected,
+                             lmtp=lmtp, lmtp_socket=lmtp_socket)
         process = subprocess.Popen([program, "-F", "-c", str(peer.config)],
                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, start_new_session=True)
@@ -255,9 +287,25 @@ def running_dovecot(*, user: str = "ituki@gm.example.net", password: str = "pa s
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _write_config(base: Path, user: str, password: str, cert_names: Sequence[str],
+@dataclass(frozen=True, slots=True)
+class _Users:
+    names: list[str]  # the first is the peer's `user`
+    password: str
+    quotas: dict[str, str]  # user -> storage limit
+
+    def passwd(self) -> str:
+        """The passwd-file: every user with the password, and a quota rule where one is set."""
+        lines = []
+        for name in self.names:
+            limit = self.quotas.get(name)
+            extra = f"userdb_quota_rule=*:storage={limit}" if limit else ""
+            lines.append(f"{name.lower()}:{{PLAIN}}{self.password}::::::{extra}\n")
+        return "".join(lines)
+
+
+def _write_config(base: Path, users: _Users, cert_names: Sequence[str],
                   quota: str | None, http_server: http.server.HTTPServer | None,
-                  introspected: list[str]) -> DovecotPeer:
+                  introspected: list[str], *, lmtp: bool, lmtp_socket: Path | None) -> DovecotPeer:
     mail_user = pwd.getpwnam("nobody")
     for name in ("run", "state", "tls", "mail", "home"):
         (base / name).mkdir()
@@ -269,7 +317,7 @@ def _write_config(base: Path, user: str, password: str, cert_names: Sequence[str
     issued.private_key_pem.write_to_path(str(base / "tls" / "key.pem"))
     ca_file = base / "tls" / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
-    (base / "passwd").write_text(f"{user.lower()}:{{PLAIN}}{password}::::::\n")
+    (base / "passwd").write_text(users.passwd())
     mechanisms, oauth2_passdb = "plain login", ""
     if http_server is not None:
         mechanisms += " xoauth2 oauthbearer"
@@ -277,16 +325,25 @@ def _write_config(base: Path, user: str, password: str, cert_names: Sequence[str
         (base / "oauth2.conf.ext").write_text(
             _OAUTH2_CONF.format(host=HOST, port=http_server.server_address[1]))
     plugin = ""
+    quotas = quota is not None or bool(users.quotas)
+    if quotas:
+        plugin = "  quota = maildir:User quota\n"
     if quota is not None:
-        plugin = f"  quota = maildir:User quota\n  quota_rule = *:storage={quota}\n"
+        plugin += f"  quota_rule = *:storage={quota}\n"
     imap_port, imaps_port = free_port(HOST), free_port(HOST)
+    lmtp_port, lmtp_service = 0, ""
+    if lmtp:
+        lmtp_port = free_port(HOST)
+        lmtp_socket = lmtp_socket or base / "lmtp"
+        lmtp_service = _LMTP_SERVICE.format(host=HOST, port=lmtp_port, socket=lmtp_socket)
     config = base / "dovecot.conf"
     config.write_text(_CONFIG.format(
         host=HOST, base=base, uid=mail_user.pw_uid, gid=mail_user.pw_gid, imap_port=imap_port,
         imaps_port=imaps_port, mechanisms=mechanisms, oauth2_passdb=oauth2_passdb, plugin=plugin,
-        mail_plugins="quota" if quota else "", imap_plugins="imap_quota" if quota else ""))
-    return DovecotPeer(HOST, imaps_port, imap_port, user, password, ca_file, base, config,
-                       base / "dovecot.log", introspected)
+        mail_plugins="quota" if quotas else "", imap_plugins="imap_quota" if quotas else "",
+        protocols=" lmtp" if lmtp else "", lmtp_service=lmtp_service))
+    return DovecotPeer(HOST, imaps_port, imap_port, users.names[0], users.password, ca_file, base, config,
+                       base / "dovecot.log", introspected, lmtp_port, lmtp_socket if lmtp else None)
 
 
 def _wait_started(process: subprocess.Popen[bytes], peer: DovecotPeer) -> None:
@@ -294,7 +351,9 @@ def _wait_started(process: subprocess.Popen[bytes], peer: DovecotPeer) -> None:
     by connecting: a probe connection would start an imap-login process that then waits for
     the auth service and holds up the stop by seconds."""
     deadline = time.monotonic() + _START_TIMEOUT
-    while not all(_taken(peer.host, port) for port in (peer.imap_port, peer.imaps_port)):
+    ports = [port for port in (peer.imap_port, peer.imaps_port, peer.lmtp_port) if port]
+    while not all(_taken(peer.host, port) for port in ports) or \
+            (peer.lmtp_socket is not None and not peer.lmtp_socket.exists()):
         if process.poll() is not None:
             error = process.stderr.read().decode(errors="replace") if process.stderr else ""
             peer_unavailable(f"dovecot exited ({process.returncode}): {error.strip()}\n"

@@ -1,8 +1,8 @@
 """The scheduler with fakes: immediate delivery, detour chains, quarantine, private DSNs, restart."""
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
-
 from typing import Any
 
 from maildetour.config import Config
@@ -32,11 +32,12 @@ class Clock:
 
 
 def scheduler_for(config: Config, store: MemoryStore, smtp: Any, local: Any, clock: Any,
-                  private: frozenset[str] = frozenset(), max_parallel: int = 200) -> Scheduler:
+                  private: frozenset[str] = frozenset(), max_parallel: int = 200, **active: Any) -> Scheduler:
+    """`active`: `horizon` and `active_limit` (the copies held in memory), when not the defaults."""
     dsn = DsnWriter(store=store, hostname="mx.example.com", redactor=Redactor(private))
     return Scheduler(store=store, table=config.routing_table(), agents={"smtp": smtp, "local": local},
                      retry=config.delivery.retry, max_parallel=max_parallel, dsn=dsn, keep_for=None,
-                     clock=clock)
+                     clock=clock, **active)
 
 
 def run(tmp_path: Path, smtp: ScriptedAgent, local: ScriptedAgent, copies: list[tuple[str, str]],
@@ -402,12 +403,15 @@ def test_a_store_that_cannot_write_pauses_deliveries_and_the_copy_is_tried_again
 
     async def main() -> None:
         task = asyncio.create_task(scheduler.run())
+        await asyncio.sleep(0.01)  # started: the queue was read (a read now would fail too)
         store.fail_update, store.problem = OSError(28, "No space left on device"), "no space left in var"
         message = Message("Q1", "alice@sender.example", clock.now, "<m@x>", 10, "client [127.0.0.1]")
         made = await store.accept(message, b"Subject: hi\r\n\r\nbody\r\n", [NewCopy("ituki@example.com", HIDDEN, True)],
                                   [Event(clock.now, "Q1", None, "accepted", "", "")])
         scheduler.submit(made)
-        await asyncio.sleep(0.5)  # many rechecks: the store still cannot write
+        await asyncio.sleep(0.2)
+        scheduler.reload()  # SIGUSR2 meanwhile: its read fails too (the review found it ended the scheduler)
+        await asyncio.sleep(0.3)  # many rechecks: the store still cannot write
         assert not task.done() and len(smtp.jobs) == 1
         assert store.copies[made[0].id].state == "queued"  # nothing recorded, nothing lost
         store.fail_update, store.problem = None, None
@@ -420,3 +424,348 @@ def test_a_store_that_cannot_write_pauses_deliveries_and_the_copy_is_tried_again
     asyncio.run(main())
     assert len(smtp.jobs) == 2  # tried once more (at-least-once), then recorded
     assert [c.state for c in store.copies.values()] == ["delivered"]
+
+
+def test_an_unreadable_spool_file_is_a_temporary_failure_with_backoff_not_a_spin(tmp_path: Path) -> None:
+    """The review found a read error (EIO, permissions) taken for a store that cannot write:
+    the copy was dispatched again at once, 20,000 reads a second. Now it is a recorded
+    temporary failure of that copy, retried by the usual rules."""
+    config = seed_config(tmp_path, CHAIN)
+    store, clock = MemoryStore(), Clock()
+    smtp, local = ScriptedAgent(ok), ScriptedAgent(ok)
+    scheduler = scheduler_for(config, store, smtp, local, clock)
+
+    async def main() -> None:
+        task = asyncio.create_task(scheduler.run())
+        store.fail_read = PermissionError(13, "Permission denied")
+        message = Message("Q1", "alice@sender.example", clock.now, "<m@x>", 10, "client [127.0.0.1]")
+        made = await store.accept(message, b"Subject: hi\r\n\r\nbody\r\n", [NewCopy("ituki@example.com", HIDDEN, True)],
+                                  [Event(clock.now, "Q1", None, "accepted", "", "")])
+        scheduler.submit(made)
+        await asyncio.sleep(0.3)
+        assert not task.done()
+        task.cancel()
+
+    asyncio.run(main())
+    assert store.reads == 1 and smtp.jobs == []
+    [copy] = store.copies.values()
+    assert copy.state == "queued" and copy.attempts == 1 and copy.next_at > 1_000_000.0
+    assert any(e.kind == "deferred" and "could not be read from the spool" in e.detail for e in store.events)
+
+
+# --- memory holds only the copies due soon (issue 13) ---------------------------------------------
+async def _settle_down(until: Any, turns: int = 200) -> None:
+    """Let the scheduler work (real time: a few ms a turn) until `until()` or `turns` pass."""
+    for _ in range(turns):
+        await asyncio.sleep(0.01)
+        if until():
+            return
+
+
+def _later(scheduler: Scheduler, clock: Clock, seconds: float) -> None:
+    """The (fake) clock moves on; the scheduler notices at once (as the real one would once its
+    timer ran out)."""
+    clock.now += seconds
+    scheduler._wake.set()
+
+
+async def _accept(store: MemoryStore, queue_id: str, at: float, *targets: str) -> list[Any]:
+    return await store.accept(Message(queue_id, "alice@sender.example", at, "", 1, "c"), b"x\r\n",
+                              [NewCopy("ituki@example.com", t, t == HIDDEN) for t in targets], [])
+
+
+def test_a_copy_due_beyond_the_horizon_is_left_to_the_store_and_delivered_when_its_time_comes(
+        tmp_path: Path) -> None:
+    config = seed_config(tmp_path, CHAIN)
+    store, clock = MemoryStore(), Clock()
+    smtp = ScriptedAgent(lambda r, n: TemporaryFailure("451 4.3.0 later") if n == 1 else Delivered("250 ok"))
+    scheduler = scheduler_for(config, store, smtp, ScriptedAgent(ok), clock, horizon=30.0)
+
+    async def main() -> tuple[int, int, int]:
+        task = asyncio.create_task(scheduler.run())
+        scheduler.submit(await _accept(store, "Q1", clock.now, HIDDEN))
+        await _settle_down(lambda: store.copies[1].attempts == 1)
+        await asyncio.sleep(0.05)
+        held, depth, tried = len(scheduler._copies), scheduler.queue_depth(), len(smtp.jobs)
+        _later(scheduler, clock, 35)  # the horizon nears its due time: read from the store, held, not due yet
+        await asyncio.sleep(0.05)
+        assert len(smtp.jobs) == 1 and len(scheduler._copies) == 1
+        _later(scheduler, clock, 26)  # its retry time (first failure + 60 s) has come
+        await _settle_down(lambda: bool(store.finished))
+        task.cancel()
+        return held, depth, tried
+
+    held, depth, tried = asyncio.run(main())
+    assert (held, depth, tried) == (0, 1, 1)  # deferred for 60 s, beyond the 30 s horizon: in the store only
+    assert len(smtp.jobs) == 2 and store.copies[1].state == "delivered" and store.finished == ["Q1"]
+
+
+def test_active_limit_caps_the_copies_held_and_the_rest_go_out_as_held_ones_finish(tmp_path: Path) -> None:
+    config = seed_config(tmp_path, CHAIN)
+    store, clock = MemoryStore(), Clock()
+    held: list[int] = []
+
+    class Watching(ScriptedAgent):
+        async def deliver(self, job):  # type: ignore[no-untyped-def]
+            held.append(len(scheduler._copies))
+            await asyncio.sleep(0.002)
+            return await super().deliver(job)
+
+    smtp = Watching(ok)
+    scheduler = scheduler_for(config, store, smtp, ScriptedAgent(ok), clock, max_parallel=2, active_limit=10)
+
+    async def main() -> None:
+        for i in range(25):  # queued before the start (a restart with a backlog)
+            await _accept(store, f"Q{i:02}", clock.now - 100 + i, HIDDEN)
+        task = asyncio.create_task(scheduler.run())
+        await asyncio.sleep(0.02)
+        # New mail while the backlog is worked off: a burst larger than the limit.
+        for i in range(25, 40):
+            scheduler.submit(await _accept(store, f"Q{i:02}", clock.now, HIDDEN))
+        assert len(scheduler._copies) <= 10
+        await _settle_down(lambda: len(store.finished) == 40, turns=500)
+        task.cancel()
+
+    asyncio.run(main())
+    assert sorted(store.finished) == [f"Q{i:02}" for i in range(40)]
+    assert len(smtp.jobs) == 40 and max(held) <= 10
+    assert [j.queue_id for j in smtp.jobs][:25] == [f"Q{i:02}" for i in range(25)]  # soonest first
+
+
+def test_a_message_split_between_memory_and_store_is_finished_only_once_all_its_copies_are_final(
+        tmp_path: Path) -> None:
+    config = seed_config(tmp_path, CHAIN)
+    store, clock = MemoryStore(), Clock()
+
+    class SlowBox(ScriptedAgent):
+        async def deliver(self, job):  # type: ignore[no-untyped-def]
+            await asyncio.sleep(0.05)  # the hidden copy's retry is left to the store first
+            return await super().deliver(job)
+
+    smtp = ScriptedAgent(lambda r, n: TemporaryFailure("451 4.3.0 later") if n == 1 else Delivered("250 ok"))
+    scheduler = scheduler_for(config, store, smtp, SlowBox(ok), clock, horizon=30.0)
+
+    async def main() -> list[str]:
+        task = asyncio.create_task(scheduler.run())
+        scheduler.submit(await _accept(store, "Q1", clock.now, PC, HIDDEN))
+        await _settle_down(lambda: store.copies[1].state == "delivered")
+        await asyncio.sleep(0.05)
+        midway = list(store.finished)  # PC delivered (the last copy held), the hidden one waits in the store
+        _later(scheduler, clock, 61)
+        await _settle_down(lambda: store.copies[2].state == "delivered")
+        await asyncio.sleep(0.05)
+        task.cancel()
+        return midway
+
+    midway = asyncio.run(main())
+    assert midway == []
+    assert store.finished == ["Q1"]
+
+
+def test_flush_makes_copies_in_the_store_only_due_now(tmp_path: Path) -> None:
+    config = seed_config(tmp_path, CHAIN)
+    store, clock = MemoryStore(), Clock()
+    smtp = ScriptedAgent(lambda r, n: TemporaryFailure("451 4.3.0 later") if n == 1 else Delivered("250 ok"))
+    scheduler = scheduler_for(config, store, smtp, ScriptedAgent(ok), clock, horizon=30.0)
+
+    async def main() -> None:
+        task = asyncio.create_task(scheduler.run())
+        scheduler.submit(await _accept(store, "Q1", clock.now, HIDDEN))
+        await _settle_down(lambda: store.copies[1].attempts == 1)
+        await asyncio.sleep(0.05)
+        assert len(scheduler._copies) == 0 and len(smtp.jobs) == 1
+        scheduler.flush()  # SIGUSR1: the clock stands still, the copy is due in 60 s
+        await _settle_down(lambda: bool(store.finished))
+        task.cancel()
+
+    asyncio.run(main())
+    assert len(smtp.jobs) == 2 and store.finished == ["Q1"]
+    assert ("flushed", "") in store.kinds("Q1")
+
+
+def test_a_reread_after_the_operator_changed_the_queue_drops_and_picks_up_copies(tmp_path: Path) -> None:
+    config = seed_config(tmp_path, CHAIN)
+    store, clock = MemoryStore(), Clock()
+    smtp = ScriptedAgent(lambda r, n: TemporaryFailure("451 4.3.0 later") if n == 1 else Delivered("250 ok"))
+    scheduler = scheduler_for(config, store, smtp, ScriptedAgent(ok), clock, horizon=120.0)
+
+    async def main() -> None:
+        task = asyncio.create_task(scheduler.run())
+        scheduler.submit(await _accept(store, "Q1", clock.now, HIDDEN))
+        await _settle_down(lambda: store.copies[1].attempts == 1)
+        assert len(scheduler._copies) == 1  # its retry in 60 s is within the horizon: held
+        # Held by the operator elsewhere (`queue hold`, the notice not sent), then a message held
+        # since before: both only in the store.
+        await store.hold("Q1", clock.now)
+        await store.accept(Message("Q2", "a@b.example", clock.now, "", 1, "c"), b"x\r\n",
+                           [NewCopy("ituki@example.com", HIDDEN, True, state="held")], [])
+        scheduler.reload()  # SIGUSR2
+        await asyncio.sleep(0.05)
+        assert len(scheduler._copies) == 0
+        await store.release("Q2", clock.now)
+        scheduler.reload()
+        await _settle_down(lambda: bool(store.finished))
+        _later(scheduler, clock, 61)  # Q1's retry time: it is held, not tried
+        await asyncio.sleep(0.05)
+        task.cancel()
+
+    asyncio.run(main())
+    assert [j.queue_id for j in smtp.jobs] == ["Q1", "Q2"]
+    assert store.finished == ["Q2"] and store.copies[1].state == "held"
+
+
+def test_at_start_up_the_soonest_copies_are_read_and_the_later_ones_wait_in_the_store(tmp_path: Path) -> None:
+    config = seed_config(tmp_path, CHAIN)
+    store, clock = MemoryStore(), Clock()
+    smtp = ScriptedAgent(ok)
+    scheduler = scheduler_for(config, store, smtp, ScriptedAgent(ok), clock, active_limit=5)
+
+    async def main() -> tuple[int, int, int]:
+        for i in range(15):  # what a crash left: 12 due (some were in flight), 3 deferred for an hour
+            [copy] = await _accept(store, f"Q{i:02}", clock.now - 600, HIDDEN)
+            if i >= 12:
+                store.copies[copy.id] = replace(copy, attempts=1, next_at=clock.now + 3600)
+        task = asyncio.create_task(scheduler.run())
+        await _settle_down(lambda: len(store.finished) == 12)
+        await asyncio.sleep(0.05)
+        seen = len(smtp.jobs), len(scheduler._copies), scheduler.queue_depth()
+        _later(scheduler, clock, 3600)
+        await _settle_down(lambda: len(store.finished) == 15)
+        task.cancel()
+        return seen
+
+    assert asyncio.run(main()) == (12, 0, 3)
+    assert len(smtp.jobs) == 15 and len(store.finished) == 15
+
+
+def test_a_start_up_read_that_fails_waits_for_the_store_and_does_not_end_the_scheduler(tmp_path: Path) -> None:
+    config = seed_config(tmp_path, CHAIN)
+    store, clock = MemoryStore(), Clock()
+    smtp = ScriptedAgent(ok)
+    scheduler = scheduler_for(config, store, smtp, ScriptedAgent(ok), clock)
+    scheduler.store_recheck = 0.05
+
+    async def main() -> None:
+        await _accept(store, "Q1", clock.now, HIDDEN)
+        store.fail_update, store.problem = OSError(5, "Input/output error"), "the disk fails"
+        task = asyncio.create_task(scheduler.run())
+        await asyncio.sleep(0.2)
+        assert not task.done() and smtp.jobs == []
+        store.fail_update, store.problem = None, None
+        await _settle_down(lambda: bool(store.finished))
+        task.cancel()
+
+    asyncio.run(main())
+    assert len(smtp.jobs) == 1 and store.finished == ["Q1"]
+
+
+def test_a_copy_another_node_holds_is_not_attempted_here(tmp_path: Path) -> None:
+    config = seed_config(tmp_path, CHAIN)
+    store, clock = MemoryStore(), Clock()
+    smtp = ScriptedAgent(ok)
+    scheduler = scheduler_for(config, store, smtp, ScriptedAgent(ok), clock)
+
+    async def main() -> None:
+        task = asyncio.create_task(scheduler.run())
+        [theirs] = await _accept(store, "Q1", clock.now, HIDDEN)
+        store.elsewhere.add(theirs.id)  # another node leased it meanwhile (several nodes)
+        scheduler.submit([theirs])
+        scheduler.submit(await _accept(store, "Q2", clock.now, HIDDEN))
+        await _settle_down(lambda: bool(store.finished))
+        await asyncio.sleep(0.05)
+        task.cancel()
+
+    asyncio.run(main())
+    assert [j.queue_id for j in smtp.jobs] == ["Q2"] and store.claims == [[1], [2]]
+    assert store.copies[1].state == "queued" and store.finished == ["Q2"]
+
+
+def test_the_queue_gauges_count_the_copies_in_the_store_only(tmp_path: Path) -> None:
+    config = seed_config(tmp_path, CHAIN)
+    store, clock = MemoryStore(), Clock()
+    scheduler = scheduler_for(config, store, ScriptedAgent(ok), ScriptedAgent(ok), clock, horizon=30.0)
+
+    async def main() -> tuple[float, float]:
+        for i in range(3):
+            [copy] = await _accept(store, f"Q{i}", clock.now - 900 + i * 300, HIDDEN)
+            store.copies[copy.id] = replace(copy, attempts=1, next_at=clock.now + 3600)  # deferred an hour
+        task = asyncio.create_task(scheduler.run())
+        await asyncio.sleep(0.05)
+        first = scheduler.oldest_age()  # asks the store: the next scrape has its answer
+        await asyncio.sleep(0.05)
+        task.cancel()
+        return first, scheduler.oldest_age()
+
+    first, then = asyncio.run(main())
+    assert scheduler.queue_depth() == 3 and len(scheduler._copies) == 0
+    assert first == 0.0 and then == 900.0
+
+
+def test_a_copy_finished_while_a_read_of_the_queue_was_on_its_way_is_not_taken_back(tmp_path: Path) -> None:
+    """The read may predate the update that finished the copy: it must not be sent twice."""
+    config = seed_config(tmp_path, CHAIN)
+    clock = Clock()
+    gate, answer = asyncio.Event(), asyncio.Event()
+
+    class SlowRead(MemoryStore):
+        async def due(self, before: float, limit: int) -> Any:
+            found = await super().due(before, limit)  # as the store was when the read began
+            await gate.wait()
+            return found
+
+    class Waits(ScriptedAgent):
+        async def deliver(self, job):  # type: ignore[no-untyped-def]
+            await answer.wait()
+            return await super().deliver(job)
+
+    store = SlowRead()
+    smtp = Waits(ok)
+    scheduler = scheduler_for(config, store, smtp, ScriptedAgent(ok), clock)
+
+    async def main() -> None:
+        gate.set()
+        task = asyncio.create_task(scheduler.run())
+        await asyncio.sleep(0.02)  # the start-up read is done
+        gate.clear()
+        scheduler.submit(await _accept(store, "Q1", clock.now, HIDDEN))
+        await asyncio.sleep(0.02)  # its attempt waits for the answer
+        scheduler.reload()  # a read begins: the copy is queued in it
+        await asyncio.sleep(0.02)
+        answer.set()  # delivered (and forgotten) while the read is on its way
+        await _settle_down(lambda: bool(store.finished))
+        gate.set()
+        await asyncio.sleep(0.1)
+        task.cancel()
+
+    asyncio.run(main())
+    assert len(smtp.jobs) == 1 and store.finished == ["Q1"] and scheduler._copies == {}
+
+
+def test_a_burst_of_new_mail_beyond_active_limit_waits_in_the_store_and_all_of_it_goes_out(tmp_path: Path) -> None:
+    config = seed_config(tmp_path, CHAIN)
+    store, clock = MemoryStore(), Clock()
+    answer = asyncio.Event()
+
+    class Waits(ScriptedAgent):
+        async def deliver(self, job):  # type: ignore[no-untyped-def]
+            await answer.wait()
+            return await super().deliver(job)
+
+    smtp = Waits(ok)
+    scheduler = scheduler_for(config, store, smtp, ScriptedAgent(ok), clock, max_parallel=2, active_limit=10)
+
+    async def main() -> tuple[int, int]:
+        task = asyncio.create_task(scheduler.run())
+        await asyncio.sleep(0.02)  # the queue was read: empty, the horizon 300 s ahead
+        for i in range(30):  # new mail faster than it goes out
+            clock.now += 0.001
+            scheduler.submit(await _accept(store, f"Q{i:02}", clock.now, HIDDEN))
+        seen = len(scheduler._copies), scheduler.queue_depth()
+        answer.set()
+        await _settle_down(lambda: len(store.finished) == 30, turns=500)
+        task.cancel()
+        return seen
+
+    held, depth = asyncio.run(main())
+    assert held <= 10 and depth == 30
+    assert sorted(store.finished) == [f"Q{i:02}" for i in range(30)] and len(smtp.jobs) == 30
