@@ -609,6 +609,7 @@ def _cross_check(config: Config) -> None:
                 raise ConfigError(f'forward."{rule.pattern}".to', "a forward cannot target itself")
     _check_local_targets(config)
     _check_lmtp(config)
+    _check_shared_srs(config)
     if config.srs is not None and config.srs.domain not in local_domains:
         key = "srs.domain" if config.signing is None or config.srs.domain != config.signing.domain \
             else "signing.domain"
@@ -652,3 +653,13 @@ def _check_lmtp(config: Config) -> None:
             raise ConfigError(key, f"the mailboxes are stored by the LMTP server (delivery.lmtp = \"{lmtp}\"), "
                               "so maildetour's own would stay empty: POP3 and IMAP are the mail store's to serve "
                               "(e.g. Dovecot); remove this listener")
+
+
+def _check_shared_srs(config: Config) -> None:
+    """With `[store] url` several nodes share the queue, and a late bounce to an SRS address one
+    node made may reach another: every node must decode it, so the secret is one named file with
+    the same content everywhere, not one made in each node's state dir."""
+    if config.store.url is not None and config.srs is not None and config.srs.made_here:
+        raise ConfigError("srs.secret_file", "with [store] url every node must use the same SRS secret: "
+                          "name a file here and give every node the same one (make it once, e.g. "
+                          "`head -c 18 /dev/urandom | base64 > srs.secret`, mode 0600)")

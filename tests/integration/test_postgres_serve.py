@@ -19,10 +19,16 @@ from tests.peers.sinks import Sink, running_sink
 TARGETS = ("ituki-ex@gmail.com", "ituki@other.example")
 
 
+SHARED_SECRET = Path(__file__).parent.parent / "fixtures" / "srs-nodes.secret"
+
+
 def node_config(url: str, sink: Sink, *, node: str, lease: str = "3s", extra: str = "") -> str:
     """A node of a shared store: no local mailbox (a node keeps none), both targets by SMTP to
-    `sink`. ({smtp_port} is filled in by `running_server`.)"""
+    `sink`, the SRS secret every node shares. ({smtp_port} is filled in by `running_server`.)"""
     return f"""
+[srs]
+secret_file = "{SHARED_SECRET}"
+
 [server]
 hostname = "mx.example.com"
 state_dir = "var"

@@ -15,9 +15,10 @@ from tests.peers.postgres import need_driver
 URL = "postgresql://md:secret@db.example.net:5433/mail"
 
 
-def with_store(store: str, server: str = "") -> str:
+def with_store(store: str, server: str = "", srs: str = 'secret_file = "srs.secret"') -> str:
+    """The seed config on `store`; the nodes' shared SRS secret named unless `srs` is empty."""
     text = SEED.replace('state_dir = "var"', f'state_dir = "var"\n{server}', 1) if server else SEED
-    return text + f"\n[store]\n{store}\n"
+    return text + f"\n[store]\n{store}\n" + (f"\n[srs]\n{srs}\n" if srs else "")
 
 
 def test_the_store_keys_are_read_with_their_defaults(tmp_path: Path) -> None:
@@ -40,6 +41,15 @@ def test_bad_store_values_name_their_key(tmp_path: Path, store: str, server: str
     with pytest.raises(ConfigError) as caught:
         seed_config(tmp_path, with_store(store, server))
     assert caught.value.key == key
+
+
+def test_nodes_must_name_the_srs_secret_they_share(tmp_path: Path) -> None:
+    """A late bounce to an SRS address one node made may come back to another node: a secret
+    made in each node's own state dir would not decode it there."""
+    with pytest.raises(ConfigError) as caught:
+        seed_config(tmp_path, with_store(f'url = "{URL}"', srs=""))
+    assert caught.value.key == "srs.secret_file" and "same SRS secret" in str(caught.value)
+    assert seed_config(tmp_path, SEED).srs is not None  # one node on SQLite: made in its state dir
 
 
 def test_without_a_node_name_each_start_is_a_new_node(tmp_path: Path) -> None:
