@@ -3,7 +3,8 @@
 
 Argument parsing only; the work is in `bench.run`. Prints the tables when done. Exit codes:
 0 ok, 1 a phase failed (its message on stderr), 2 usage. Needs root (Postfix's queue owners)
-and the Debian packages postfix (smtp-source included) and python3-aiosmtpd or pip aiosmtpd.
+and the Debian packages postfix (smtp-source included), dovecot-imapd and openssl, opendkim
+and opendkim-tools (the recipe's signer in the DKIM run), and python3-aiosmtpd or pip aiosmtpd.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated, in the order of each round (default: maildetour,postfix)")
     p.add_argument("--rounds", type=int, help="rounds of each system (default 3, quick 1)")
     p.add_argument("--memory", type=int, help="messages for the deferred-queue run (0 skips it)")
+    p.add_argument("--dkim", type=int,
+                   help="messages for the throughput run with DKIM signing on (default 5000, quick 500; 0 skips it)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results directory (default {DEFAULT_OUT})")
     p.add_argument("--maildetour-src", type=Path,
                    help="run the maildetour package in this directory (e.g. an unpacked `git archive`)")
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         changes["maildetour_src"] = str(args.maildetour_src.resolve())
     if args.memory is not None:
         changes["memory"] = args.memory
+    if args.dkim is not None:
+        changes["dkim"] = args.dkim
     plan = dataclasses.replace(plan, **changes)  # type: ignore[arg-type]
     try:
         asyncio.run(_cancellable(run(plan, args.out, mode="quick" if args.quick else "full")))

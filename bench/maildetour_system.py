@@ -7,7 +7,12 @@ gmail.com relayed to the stand-in gmail) and runs `python -m maildetour.cli serv
 as a child process. `delivery_extra` adds [delivery] keys (the memory run lengthens retries);
 `flush()`, with the server stopped, makes every queued copy due now — what `maildetour queue
 --flush` does with no server running, done here in SQL so that an older checkout run with
-`--maildetour-src` is flushed the same way.
+`--maildetour-src` is flushed the same way. `dkim` (the DKIM variant) adds `[signing]` with a
+key made for the run by `maildetour dkim keygen` (2048-bit RSA), so every copy that leaves by
+SMTP is DKIM-signed `d=example.com` and ARC-sealed, and `[checks] inbound = false`: the
+inbound SPF/DKIM/DMARC verdicts that `[signing]` turns on by default are another job than
+signing (the recipe's MTA1 has none), and here their DNS would go to a dead port and wait out
+their 5 s deadline on every message.
 
 Contract: loopback only; DNS goes to a dead loopback port (nothing may ask a real resolver);
 stops its child by PID (SIGTERM, then SIGKILL after 20 s). Exposure: bench-only.
@@ -30,6 +35,17 @@ from bench.proc import cpu_seconds_tree, die_with_parent, memory_kb, wait_port
 # as a file, not imported: `--maildetour-src` may run another checkout's package.
 SEED_FILE = Path(__file__).resolve().parents[1] / "maildetour" / "seed.toml"
 DETOUR = 'detour       = "ituki@gm.example.net"'
+DKIM_SELECTOR = "md1"
+DKIM_KEY = "dkim.key"  # beside the config
+SIGNING = f"""
+[signing]
+domain   = "example.com"
+selector = "{DKIM_SELECTOR}"
+dkim_key = "{DKIM_KEY}"
+
+[checks]
+inbound = false
+"""
 
 
 def seed_config(*, smtp_port: int, pop3_port: int, gmail: tuple[str, int], delivery_extra: str = "",
@@ -64,6 +80,7 @@ class MaildetourSystem:
     detour: str | None = None  # the hidden destination's detour, as a TOML value
     extra: str = ""  # tables appended to the config
     src: Path | None = None  # a directory holding the maildetour package to run (default: importable one)
+    dkim: bool = False  # sign every SMTP copy (the DKIM variant): [signing] and a key made for the run
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     name = "maildetour"
@@ -81,13 +98,18 @@ class MaildetourSystem:
         config.write_text(seed_config(smtp_port=self.smtp_port, pop3_port=self.pop3_port,
                                       gmail=self.gmail, delivery_extra=self.delivery_extra,
                                       detour_after=self.detour_after, detour=self.detour,
-                                      extra=self.extra), encoding="utf-8")
+                                      extra=self.extra + (SIGNING if self.dkim else "")), encoding="utf-8")
         for address in ("ituki@pc.example.net", "ituki@gm.example.net"):
             for sub in ("tmp", "new", "cur"):  # made now so that a watcher can watch new/ at once
                 (self.maildir(address) / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         env = dict(os.environ)
         if self.src is not None:
             env["PYTHONPATH"] = os.pathsep.join([str(self.src.resolve()), env.get("PYTHONPATH", "")])
+        if self.dkim:
+            made = subprocess.run([sys.executable, "-m", "maildetour.cli", "dkim", "keygen", "--config", str(config)],
+                                  capture_output=True, text=True, cwd=self.workdir, env=env, timeout=60)
+            if made.returncode != 0:
+                raise RuntimeError(f"maildetour dkim keygen failed: {made.stdout}{made.stderr}")
         with open(self.workdir / "server.log", "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "maildetour.cli", "serve", "--config", str(config)],
@@ -115,6 +137,11 @@ class MaildetourSystem:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    @property
+    def dkim_key(self) -> Path | None:
+        """The private key the copies are signed with (the DKIM variant), for checking them."""
+        return self.workdir / DKIM_KEY if self.dkim else None
 
     def cpu_seconds(self) -> float:
         return cpu_seconds_tree(self.proc.pid) if self.proc else 0.0

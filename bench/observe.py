@@ -5,6 +5,8 @@ lines into counters and per-seq futures, and sends it control commands. `Boxes` 
 PC and detour Maildirs' new/ with inotify and keeps counters and per-seq futures too (the seq
 is read from the file's `X-Bench-Seq:` header, only when someone waits for it).
 Both record the CLOCK_MONOTONIC time of the latest arrival, for end-to-end throughput.
+`Sink(signatures=True)` also counts, per verdict, the messages that carried a DKIM-Signature
+and the signatures themselves (the DKIM variant's proof that signing happened).
 
 Contract: the sink child is stopped by closing its stdin, then SIGTERM/SIGKILL by PID.
 Exposure: bench-only. Failure: `wait_*` raise TimeoutError naming what was missing.
@@ -13,6 +15,7 @@ Exposure: bench-only. Failure: `wait_*` raise TimeoutError naming what was missi
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 from collections import Counter
 from pathlib import Path
@@ -23,10 +26,13 @@ from bench.watch import MaildirWatch
 
 
 class Sink:
-    def __init__(self, host: str = "127.0.0.2") -> None:
+    def __init__(self, host: str = "127.0.0.2", *, signatures: bool = False) -> None:
         self.host = host
         self.port = free_port(host)
+        self.signatures = signatures
         self.counts: Counter[str] = Counter()
+        self.signed: Counter[str] = Counter()  # per verdict: messages with a DKIM-Signature
+        self.signature_fields = 0  # DKIM-Signature fields on accepted messages
         self.last_ns = 0
         self._waiting: dict[tuple[str, str], asyncio.Future[int]] = {}
         self._acks: asyncio.Queue[None] = asyncio.Queue()
@@ -36,6 +42,7 @@ class Sink:
     async def start(self) -> None:
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.sink", "--host", self.host, "--port", str(self.port),
+            *(["--signatures"] if self.signatures else []),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, preexec_fn=die_with_parent)
         assert self._proc.stdout is not None
         first = await asyncio.wait_for(self._proc.stdout.readline(), 15)
@@ -53,6 +60,10 @@ class Sink:
                 continue
             stamp, seq, verdict = int(parts[0]), parts[1].decode(), parts[2].decode()
             self.counts[verdict] += 1
+            if len(parts) > 3 and (found := int(parts[3])):
+                self.signed[verdict] += 1
+                if verdict == "A":
+                    self.signature_fields += found
             self.last_ns = max(self.last_ns, stamp)
             future = self._waiting.pop((seq, verdict), None)
             if future is not None and not future.done():
@@ -69,8 +80,14 @@ class Sink:
         self._waiting[(seq, verdict)] = future
         return future
 
+    async def keep(self, where: Path, n: int) -> None:
+        """Have the stand-in write the next `n` accepted messages to where/1.eml … n.eml."""
+        await self.command(f"keep {n} {where}")
+
     def reset(self) -> None:
         self.counts.clear()
+        self.signed.clear()
+        self.signature_fields = 0
         self.last_ns = 0
 
     async def stop(self) -> None:
@@ -100,7 +117,7 @@ class Boxes:
         self._watch = MaildirWatch(asyncio.get_running_loop())
         boxes = {"pc": pc, "detour": detour} | ({"imap": imap} if imap is not None else {})
         for box, maildir in boxes.items():
-            self._watch.add(maildir / "new", lambda ns, path, box=box: self._arrived(box, ns, path))
+            self._watch.add(maildir / "new", functools.partial(self._arrived, box))
 
     def _arrived(self, box: str, stamp: int, path: Path) -> None:
         self.counts[box] += 1

@@ -9,8 +9,12 @@ instances under `workdir` and runs their `master -c DIR -s` daemons in the foreg
 - MTA2 on 127.0.0.1:<mta2>: accepts gmail.com, rewrites `ituki-ex@gmail.com` to
   `ituki@gm.example.net` (virtual alias) and relays everything to MTA1 (relayhost).
 This is slide "実構成例" of the seed deck, minus DKIM signing (maildetour's seed config does not
-sign either). Postfix defaults are kept except what loopback-only operation needs (no DNS, no
-peer name lookups, explicit hostnames, everything else refused with `error:`) and `max_idle`.
+sign either) unless `dkim` is set: then MTA1 signs as in the slide, with OpenDKIM as a milter
+(`bench/opendkim.py`, a key made for the run) in `smtpd_milters` and `non_smtpd_milters`, so
+every message MTA1 receives is signed once, before its copies fan out (and a detoured copy again
+when MTA2 relays it back). Postfix defaults are kept except what loopback-only operation needs
+(no DNS, no peer name lookups, explicit hostnames, everything else refused with `error:`) and
+`max_idle`.
 
 How it runs as root without touching /etc/postfix: meta_directory is the instance's own conf
 directory, the queue tree is made here with Postfix's owners and modes, and the Maildirs live
@@ -19,7 +23,7 @@ The stand-in gmail must sit on another loopback address than MTA2: the smtp clie
 fallback addresses it already used from its connection cache *by IP address*, so with both on
 127.0.0.1 every copy refused over a reused (cached) connection is deferred, not detoured.
 Stop: SIGTERM to each master PID we started, then SIGKILL by PID to what is left of its process
-group. Exposure: bench-only, loopback. Failure: RuntimeError with the log tail.
+group; then the milter. Exposure: bench-only, loopback. Failure: RuntimeError with the log tail.
 """
 
 from __future__ import annotations
@@ -33,12 +37,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.opendkim import OpenDkim
 from bench.proc import cpu_seconds_tree, die_with_parent, group_members, wait_port
 
 PUBLIC = "ituki@example.com"
 PC = "ituki@pc.example.net"
 GMAIL = "ituki-ex@gmail.com"
 DETOUR = "ituki@gm.example.net"
+DKIM_DOMAIN = "example.com"  # d= of MTA1's signature in the DKIM variant (maildetour's too)
+DKIM_SELECTOR = "pf1"
 
 _QUEUE_DIRS = ("active", "bounce", "corrupt", "defer", "deferred", "flush", "hold", "incoming",
                "private", "saved", "trace")
@@ -122,7 +129,9 @@ class PostfixRecipe:
     mta2_port: int
     gmail: tuple[str, int]  # the stand-in gmail; not on MTA2's address (see the docstring)
     max_idle: str = "100s"  # Postfix's default
+    dkim: bool = False  # MTA1 signs with OpenDKIM (the DKIM variant)
     instances: list[Instance] = field(default_factory=list)
+    signer: OpenDkim | None = field(default=None, init=False)
 
     name = "postfix"
 
@@ -135,6 +144,8 @@ class PostfixRecipe:
 
     def start(self) -> None:
         daemon_dir = Path(_postconf("daemon_directory"))
+        if self.dkim:
+            self.signer = OpenDkim(self.workdir / "opendkim", DKIM_DOMAIN, DKIM_SELECTOR)
         mta1 = Instance("mta1", self.workdir / "mta1", self.mta1_port, self._mta1_cf(),
                         (f"fbsmtp unix - - n - - smtp -o smtp_fallback_relay=[127.0.0.1]:{self.mta2_port}"
                          " -o soft_bounce=yes",))
@@ -149,6 +160,8 @@ class PostfixRecipe:
                 os.chown(path, nobody.pw_uid, nobody.pw_gid)
             os.chown(self.maildir(address), nobody.pw_uid, nobody.pw_gid)
         try:
+            if self.signer is not None:  # first: smtpd defers mail while its milter is down
+                self.signer.start()
             for inst in (mta2, mta1):
                 self.instances.append(inst)
                 inst.start(daemon_dir)
@@ -160,10 +173,19 @@ class PostfixRecipe:
         for inst in reversed(self.instances):
             inst.stop()
         self.instances.clear()
+        if self.signer is not None:
+            self.signer.stop()
+
+    @property
+    def dkim_key(self) -> Path | None:
+        """The private key MTA1 signs with (the DKIM variant), for checking its signatures."""
+        return self.signer.key_file if self.signer else None
 
     def cpu_seconds(self) -> float:
-        """CPU time of both masters and all their children, finished ones included."""
-        return sum(cpu_seconds_tree(inst.proc.pid) for inst in self.instances if inst.proc)
+        """CPU time of both masters and all their children, finished ones included, and of the
+        signing milter (the DKIM variant): all of it is the recipe's work."""
+        found = sum(cpu_seconds_tree(inst.proc.pid) for inst in self.instances if inst.proc)
+        return found + (self.signer.cpu_seconds() if self.signer else 0.0)
 
     def logs(self) -> str:
         return "\n".join(f"--- {inst.name}\n{inst.log_tail()}" for inst in self.instances)
@@ -218,6 +240,8 @@ class PostfixRecipe:
             "virtual_gid_maps": f"static:{nobody.pw_gid}",
             "virtual_minimum_uid": "1",
         })
+        if self.signer is not None:
+            params.update({"smtpd_milters": self.signer.milter, "non_smtpd_milters": self.signer.milter})
         return params
 
     def _mta2_cf(self) -> dict[str, str]:

@@ -2,7 +2,11 @@
 
 What it does: `run(plan, out)` measures each system once per round (fresh state each time):
 warm-up, success-path and detour-path latencies, throughput with 0 % and 10 % refused, then a
-restart with Postfix's `max_idle = 1s` for the idle latencies. It writes `out/results.json`
+restart with Postfix's `max_idle = 1s` for the idle latencies, (maildetour) a restart with the
+detour into IMAP, and a restart with DKIM signing on (maildetour `[signing]`; the recipe's MTA1
+with OpenDKIM) for one more 0 %-refused throughput run, valid only if every copy the stand-in
+accepted carried a DKIM-Signature and the kept ones verify (dkimpy and OpenDKIM, with the
+run's public key; `bench.dkim_check`). It writes `out/results.json`
 (every sample) and `out/results.md` (the tables) and returns the JSON-able dict.
 
 Contract: loopback only; every process is stopped before `run` returns or raises; working
@@ -26,13 +30,16 @@ from pathlib import Path
 from typing import Any
 
 from bench import scenarios
+from bench.dkim_check import check as check_signatures
 from bench.dovecot import DovecotImap
+from bench.maildetour_system import DKIM_SELECTOR as MAILDETOUR_SELECTOR
 from bench.maildetour_system import MaildetourSystem
 from bench.memory import deferred_queue
 from bench.observe import Boxes, Sink
-from bench.postfix import PostfixRecipe
+from bench.postfix import DKIM_DOMAIN, PostfixRecipe
+from bench.postfix import DKIM_SELECTOR as POSTFIX_SELECTOR
 from bench.proc import free_port
-from bench.stats import distribution, markdown_table, memory_table, summarize
+from bench.stats import distribution, markdown_table, memory_table, signing_table, summarize
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +54,7 @@ class Plan:
     idle: int = 5  # success + detour pairs per round, each after `idle_gap` seconds of quiet
     idle_gap: float = 3.0
     imap_detour: int = 100  # maildetour: refused messages detoured into IMAP (Dovecot); 0 skips
+    dkim: int = 5000  # messages of the throughput run with DKIM signing on (0 % refused); 0 skips
     memory: int = 100_000  # 0: skip the deferred-queue run
     memory_size: int = 1024
     keep: bool = False
@@ -55,24 +63,28 @@ class Plan:
 
 # The hidden destination's detour in the IMAP run: the IMAP step first, the POP box after it.
 IMAP_CHAIN = '["imap:bench", "ituki@gm.example.net"]'
+DKIM_KEPT = 3  # copies of the DKIM run the stand-in keeps, whose signatures are then verified
+SELECTORS = {"maildetour": MAILDETOUR_SELECTOR, "postfix": POSTFIX_SELECTOR}
 
-QUICK = Plan(rounds=1, success=40, detour=20, throughput=500, idle=2, imap_detour=10, memory=2000)
+QUICK = Plan(rounds=1, success=40, detour=20, throughput=500, idle=2, imap_detour=10, dkim=500, memory=2000)
 
 
 def make_system(kind: str, workdir: Path, gmail: tuple[str, int], *, idle: bool,
-                src: str | None = None, imap: DovecotImap | None = None) -> scenarios.System:
+                src: str | None = None, imap: DovecotImap | None = None, dkim: bool = False) -> scenarios.System:
     if kind == "maildetour":
         return MaildetourSystem(workdir, free_port(), free_port(), gmail, src=Path(src) if src else None,
-                                detour=IMAP_CHAIN if imap else None, extra=imap.imap_table() if imap else "")
+                                detour=IMAP_CHAIN if imap else None, extra=imap.imap_table() if imap else "",
+                                dkim=dkim)
     if kind == "postfix":
         return PostfixRecipe(workdir, free_port(), free_port(), gmail,
-                             max_idle="1s" if idle else "100s")
+                             max_idle="1s" if idle else "100s", dkim=dkim)
     raise ValueError(f"unknown system {kind!r}")
 
 
 async def _with_system(kind: str, workdir: Path, sink: Sink, *, idle: bool, plan: Plan,
-                       phases: Any, imap: DovecotImap | None = None) -> dict[str, Any]:
-    system = make_system(kind, workdir, (sink.host, sink.port), idle=idle, src=plan.maildetour_src, imap=imap)
+                       phases: Any, imap: DovecotImap | None = None, dkim: bool = False) -> dict[str, Any]:
+    system = make_system(kind, workdir, (sink.host, sink.port), idle=idle, src=plan.maildetour_src, imap=imap,
+                         dkim=dkim)
     await asyncio.to_thread(system.start)
     boxes = Boxes(system.maildir(scenarios.PC), system.maildir(scenarios.DETOUR),
                   imap.maildir if imap else None)
@@ -85,14 +97,31 @@ async def _with_system(kind: str, workdir: Path, sink: Sink, *, idle: bool, plan
         await asyncio.to_thread(system.stop)
 
 
-def _throughput(t: scenarios.Throughput) -> dict[str, float]:
+def _throughput(t: scenarios.Throughput) -> dict[str, Any]:
     found = dataclasses.asdict(t)
     found["cpu_ms_per_msg"] = t.cpu_seconds * 1000 / t.messages
     return found
 
 
+async def _signed_throughput(system: Any, sink: Sink, boxes: Boxes, plan: Plan, kept: Path) -> dict[str, Any]:
+    """The 0 %-refused throughput run with signing on, and the proof that signing happened:
+    every copy the stand-in accepted carried a DKIM-Signature, and the kept ones verify with
+    both verifiers."""
+    await sink.keep(kept, DKIM_KEPT)
+    found = _throughput(await scenarios.throughput(system, sink, boxes, n=plan.dkim, sessions=plan.sessions,
+                                                   size=plan.size, share=0.0, timeout=60 + plan.dkim / 20))
+    if found["signed_copies"] != found["gmail_copies"] or not found["gmail_copies"]:
+        raise RuntimeError(f"{system.name}: DKIM run invalid: {found['signed_copies']} of "
+                           f"{found['gmail_copies']} copies at the stand-in carried a DKIM-Signature\n{system.logs()}")
+    verified = check_signatures(sorted(kept.glob("*.eml")), system.dkim_key, domain=DKIM_DOMAIN,
+                                selector=SELECTORS[system.name])
+    if verified["checked"] != DKIM_KEPT or not verified["dkim_pass"] == verified["opendkim_pass"] == DKIM_KEPT:
+        raise RuntimeError(f"{system.name}: DKIM run invalid: kept copies verified {verified}")
+    return found | {"verified": verified}
+
+
 async def measure(kind: str, rnd: int, plan: Plan, work: Path) -> dict[str, Any]:
-    sink = Sink()
+    sink = Sink(signatures=True)
     await sink.start()
     tag = f"{kind}-r{rnd}"
     try:
@@ -120,6 +149,9 @@ async def measure(kind: str, rnd: int, plan: Plan, work: Path) -> dict[str, Any]
                                               tag=f"{tag}-m", box="imap")
             return {"imap_detour": distribution(found), "imap_detour_ms": found}
 
+        async def signing(system: scenarios.System, boxes: Boxes) -> dict[str, Any]:
+            return {"throughput_dkim": await _signed_throughput(system, sink, boxes, plan, work / f"{tag}-kept")}
+
         result = await _with_system(kind, work / tag, sink, idle=False, plan=plan, phases=busy)
         if plan.idle:
             result |= await _with_system(kind, work / f"{tag}-idle", sink, idle=True, plan=plan, phases=quiet)
@@ -131,11 +163,17 @@ async def measure(kind: str, rnd: int, plan: Plan, work: Path) -> dict[str, Any]
                                              phases=into_imap, imap=dovecot)
             finally:
                 await asyncio.to_thread(dovecot.stop)
+        if plan.dkim:
+            result |= await _with_system(kind, work / f"{tag}-dkim", sink, idle=False, plan=plan,
+                                         phases=signing, dkim=True)
+            signed, plain = result["throughput_dkim"], result["throughput_0"]
+            signed["extra_cpu_ms_per_msg"] = signed["cpu_ms_per_msg"] - plain["cpu_ms_per_msg"]
         return result
     finally:
         await sink.stop()
         if not plan.keep:
-            for path in (work / tag, work / f"{tag}-idle", work / f"{tag}-imap"):
+            for path in (work / tag, work / f"{tag}-idle", work / f"{tag}-imap", work / f"{tag}-dkim",
+                         work / f"{tag}-kept"):
                 shutil.rmtree(path, ignore_errors=True)
 
 
@@ -163,7 +201,7 @@ def _write(out: Path, result: dict[str, Any]) -> None:
     rows = summarize(result["rounds"])
     text = [f"# Bench results ({result['mode']}, {result['started']})", "",
             "Machine: " + ", ".join(f"{k} {v}" for k, v in result["machine"].items()), "",
-            markdown_table(rows), "", memory_table(result.get("memory")), ""]
+            markdown_table(rows), "", signing_table(result["rounds"]), "", memory_table(result.get("memory")), ""]
     (out / "results.md").write_text("\n".join(text))
 
 

@@ -9,7 +9,8 @@ numbers:
 - `throughput`: `smtp-source` sends n messages of `size` bytes over `sessions` connections to
   the public address; accepted/s = n / time until smtp-source exits; delivered/s = n / time
   until the last copy arrived (PC Maildir, stand-in gmail or detour Maildir), plus CPU seconds
-  the system used.
+  the system used and, when the stand-in counts them, how many of the copies it accepted
+  carried a DKIM-Signature (and how many such fields in all).
 - `deferred_queue` (maildetour only): loads n messages while the stand-in answers 451 at RCPT,
   reads RSS, then flushes and measures the drain. See docs/benchmarks.md.
 
@@ -58,6 +59,9 @@ class Throughput:
     cpu_seconds: float
     seconds_to_accept: float
     seconds_to_deliver: float
+    gmail_copies: int  # copies the stand-in accepted
+    signed_copies: int  # of those, the ones with a DKIM-Signature (0 unless the sink counts)
+    signatures: int  # DKIM-Signature fields on them in all
 
 
 async def latencies(system: System, sink: Sink, boxes: Boxes, *, n: int, detour: bool,
@@ -127,7 +131,8 @@ async def throughput(system: System, sink: Sink, boxes: Boxes, *, n: int, sessio
     last = max(boxes.last_ns, sink.last_ns)
     cpu = system.cpu_seconds() - cpu0
     return Throughput(n, share, n / ((accepted - start) / 1e9), n / ((last - start) / 1e9), cpu,
-                      (accepted - start) / 1e9, (last - start) / 1e9)
+                      (accepted - start) / 1e9, (last - start) / 1e9,
+                      sink.counts["A"], sink.signed["A"], sink.signature_fields)
 
 
 async def warm_up(system: System, sink: Sink, boxes: Boxes, tag: str, box: str = "detour") -> None:

@@ -1,18 +1,23 @@
 """The stand-in "gmail": an aiosmtpd server that accepts, refuses a share, or answers 4xx.
 
-What it does: `python3 -m bench.sink --port P [--host H] [--refuse-share X] [--tempfail]` listens
-on H:P (default 127.0.0.2: a loopback address of its own, as Gmail is a host of its own), prints `ready` once it listens, then one line per finished transaction on stdout:
-`<CLOCK_MONOTONIC ns> <seq> <A|R|T>` (accepted, refused, temporary failure), where <seq> is the
-message's `X-Bench-Seq:` header or `-`. The time is taken when the end of DATA is received,
-before the reply is sent (for 4xx at RCPT: when RCPT arrives). A message carrying
-`X-Bench-Refuse: yes` is always refused; otherwise every message whose running count k satisfies
-floor(k * share) > floor((k - 1) * share) is refused (an exact, evenly spread share).
+What it does: `python3 -m bench.sink --port P [--host H] [--refuse-share X] [--tempfail]
+[--signatures]` listens on H:P (default 127.0.0.2: a loopback address of its own, as Gmail is a
+host of its own), prints `ready` once it listens, then one line per finished transaction on
+stdout: `<CLOCK_MONOTONIC ns> <seq> <A|R|T>` (accepted, refused, temporary failure), where <seq>
+is the message's `X-Bench-Seq:` header or `-`; with `--signatures`, a fourth field: how many
+DKIM-Signature fields the message's header holds (0 for a 4xx at RCPT). The time is taken when
+the end of DATA is received, before the reply is sent (for 4xx at RCPT: when RCPT arrives).
+A message carrying `X-Bench-Refuse: yes` is always refused; otherwise every message whose
+running count k satisfies floor(k * share) > floor((k - 1) * share) is refused (an exact,
+evenly spread share).
 It advertises PIPELINING and ENHANCEDSTATUSCODES in EHLO, as Gmail's MX does (clients that
 pipeline save round trips here as they would there).
 Refusals are `552 5.7.0` at end of DATA, as Gmail refuses content; `--tempfail` answers every
-RCPT with `451 4.7.0` (a downstream that is away). Nothing is stored.
+RCPT with `451 4.7.0` (a downstream that is away). Nothing is stored but what `keep` asks.
 Control on stdin, one command a line, each answered `ok` on stdout: `share X`, `tempfail 1|0`
-(so the bench changes behaviour without a restart that would break pooled connections).
+(so the bench changes behaviour without a restart that would break pooled connections), and
+`keep N DIR`: write the next N accepted messages as they arrived to DIR/1.eml … N.eml (so the
+bench can verify their signatures after a run; DIR is the rest of the line).
 
 Contract: loopback only; no DNS (hostname given). Exposure: bench-only. Failure: exits with an
 exception when the port is taken; the parent notices the missing `ready`.
@@ -26,6 +31,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP
@@ -41,6 +47,15 @@ HEADER_SCAN = 4096  # the bench headers sit at the top; don't scan 5 KB bodies
 class SinkSettings:
     refuse_share: float = 0.0
     tempfail: bool = False
+    signatures: bool = False  # report the DKIM-Signature count of each message (4th field)
+
+
+def dkim_signatures(data: bytes) -> int:
+    """How many DKIM-Signature fields the header section of `data` holds."""
+    end = data.find(b"\r\n\r\n")
+    end = data.find(b"\n\n") if end < 0 else end
+    head = b"\n" + (data if end < 0 else data[:end]).lower()
+    return head.count(b"\ndkim-signature:")
 
 
 def message_seq(data: bytes) -> str:
@@ -64,10 +79,22 @@ class StandInGmail:
 
     def __init__(self, settings: SinkSettings, out: Any) -> None:
         self.settings, self.out, self.count = settings, out, 0
+        self.keep: tuple[Path, int] | None = None  # where to write the next accepted messages, how many
+        self.kept = 0
 
-    def _note(self, stamp: int, seq: str, verdict: str) -> None:
-        self.out.write(f"{stamp} {seq} {verdict}\n")
+    def _note(self, stamp: int, seq: str, verdict: str, data: bytes = b"") -> None:
+        extra = f" {dkim_signatures(data)}" if self.settings.signatures else ""
+        self.out.write(f"{stamp} {seq} {verdict}{extra}\n")
         self.out.flush()
+
+    def _keep(self, data: bytes) -> None:
+        if self.keep is None:
+            return
+        where, wanted = self.keep
+        self.kept += 1
+        (where / f"{self.kept}.eml").write_bytes(data)
+        if self.kept >= wanted:
+            self.keep = None
 
     async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
                           responses: list[str]) -> list[str]:
@@ -89,22 +116,27 @@ class StandInGmail:
         seq = message_seq(data)
         marked = REFUSE_MARK in b"\n" + data[:HEADER_SCAN].lower()
         if marked or (seq == "-" and refused_by_share(self.count, self.settings.refuse_share)):
-            self._note(stamp, seq, "R")
+            self._note(stamp, seq, "R", data)
             return REFUSAL
-        self._note(stamp, seq, "A")
+        self._note(stamp, seq, "A", data)
+        self._keep(data)
         return "250 2.0.0 OK stand-in gmail accepted"
 
 
 def control(handler: StandInGmail, line: str) -> None:
-    """Apply one stdin command to the running handler."""
-    match line.split():
+    """Apply one stdin command to the running handler (share and tempfail restart the count)."""
+    match line.split(None, 2):
         case ["share", value]:
             handler.settings = replace(handler.settings, refuse_share=float(value))
+            handler.count = 0
         case ["tempfail", value]:
             handler.settings = replace(handler.settings, tempfail=value == "1")
+            handler.count = 0
+        case ["keep", wanted, where]:
+            Path(where).mkdir(parents=True, exist_ok=True)
+            handler.keep, handler.kept = (Path(where), int(wanted)), 0
         case _:
             raise ValueError(f"unknown sink command {line!r}")
-    handler.count = 0
     print("ok", flush=True)
 
 
@@ -135,11 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.2")
     parser.add_argument("--refuse-share", type=float, default=0.0)
     parser.add_argument("--tempfail", action="store_true")
+    parser.add_argument("--signatures", action="store_true",
+                        help="add each message's DKIM-Signature count to its line")
     args = parser.parse_args(argv)
     try:
         if not args.host.startswith("127."):
             parser.error("the stand-in listens on loopback only")
-        asyncio.run(serve(args.host, args.port, SinkSettings(args.refuse_share, args.tempfail)))
+        asyncio.run(serve(args.host, args.port, SinkSettings(args.refuse_share, args.tempfail, args.signatures)))
     except KeyboardInterrupt:
         pass
     return 0

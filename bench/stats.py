@@ -11,13 +11,15 @@ from dataclasses import dataclass
 from typing import Any
 
 # (metric key, label, unit, better, target ratio maildetour/postfix or None[, Postfix's key])
-# better: "low" (latency) or "high" (rate); the target reads as "ratio <= x" or "ratio >= x".
+# better: "low" (latency) or "high" (rate); the target reads as "ratio <= x" or "ratio >= x" (the
+# goals of issue 13; the IMAP detour path is held to the detour path's).
 # Postfix's key, when given, is the figure of the recipe the row compares with (the IMAP detour
 # path of maildetour against the recipe's detour path, which only reaches a POP box).
+MEMORY_TARGET_MB = 100  # the deferred-queue run: RSS with 100,000 copies deferred (issue 13)
 METRICS: tuple[tuple[Any, ...], ...] = (
     ("success.p50", "success path p50", "ms", "low", 0.5),
     ("success.p90", "success path p90", "ms", "low", None),
-    ("success.p99", "success path p99", "ms", "low", 1.0),
+    ("success.p99", "success path p99", "ms", "low", 0.7),
     ("detour.p50", "detour path p50", "ms", "low", 0.4),
     ("detour.p90", "detour path p90", "ms", "low", None),
     ("detour.p99", "detour path p99", "ms", "low", None),
@@ -26,13 +28,17 @@ METRICS: tuple[tuple[Any, ...], ...] = (
     ("imap_detour.p99", "detour into IMAP p99 (Postfix: its detour path)", "ms", "low", None, "detour.p99"),
     ("idle_success.p50", "idle success p50", "ms", "low", 0.15),
     ("idle_success.p90", "idle success p90", "ms", "low", None),
-    ("idle_detour.p50", "idle detour p50", "ms", "low", 0.1),
+    ("idle_detour.p50", "idle detour p50", "ms", "low", 0.07),
     ("idle_detour.p90", "idle detour p90", "ms", "low", None),
     ("throughput_0.accepted_per_s", "0% refused: accepted/s", "msg/s", "high", None),
-    ("throughput_0.delivered_per_s", "0% refused: delivered/s", "msg/s", "high", 1.0),
-    ("throughput_0.cpu_ms_per_msg", "0% refused: CPU per message", "ms", "low", None),
+    ("throughput_0.delivered_per_s", "0% refused: delivered/s", "msg/s", "high", 1.25),
+    ("throughput_0.cpu_ms_per_msg", "0% refused: CPU per message", "ms", "low", 0.7),
+    ("throughput_dkim.delivered_per_s", "0% refused, DKIM signing on: delivered/s", "msg/s", "high", None),
+    ("throughput_dkim.cpu_ms_per_msg", "0% refused, DKIM signing on: CPU per message", "ms", "low", None),
+    ("throughput_dkim.extra_cpu_ms_per_msg", "DKIM signing on: CPU per message added (same round)", "ms",
+     "low", None),
     ("throughput_10.accepted_per_s", "10% refused: accepted/s", "msg/s", "high", None),
-    ("throughput_10.delivered_per_s", "10% refused: delivered/s", "msg/s", "high", 1.0),
+    ("throughput_10.delivered_per_s", "10% refused: delivered/s", "msg/s", "high", 1.25),
     ("throughput_10.cpu_ms_per_msg", "10% refused: CPU per message", "ms", "low", None),
 )
 
@@ -130,16 +136,36 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def signing_table(rounds: list[dict[str, Any]]) -> str:
+    """Per round and system, what makes the DKIM rows valid: the copies the stand-in accepted
+    that carried a DKIM-Signature, and the kept copies whose signature verified."""
+    lines = ["| DKIM run: signing seen at the stand-in | round | copies signed / accepted "
+             "| DKIM-Signature fields | kept copies verified: dkimpy, OpenDKIM (d=, s=) | their ARC chain |",
+             "|---|---|---|---|---|---|"]
+    for rnd in rounds:
+        for system in ("maildetour", "postfix"):
+            found = rnd.get(system, {}).get("throughput_dkim")
+            if not found:
+                continue
+            ver = found["verified"]
+            arc = ", ".join(f"{status} {n}" for status, n in sorted(ver["arc"].items()))
+            lines.append(f"| {system} | {rnd['round']} | {found['signed_copies']} / {found['gmail_copies']} "
+                         f"| {found['signatures']} | {ver['dkim_pass']} / {ver['checked']}, "
+                         f"{ver.get('opendkim_pass', '–')} / {ver['checked']} (d={ver['d']}, s={ver['s']}) | {arc} |")
+    return "\n".join(lines) if len(lines) > 2 else "(DKIM run skipped)"
+
+
 def memory_table(memory: dict[str, Any] | None) -> str:
     if not memory:
         return "(memory run skipped)"
-    target = "met" if memory["rss_deferred_mb"] <= 200 and memory["peak_rss_load_mb"] <= 200 else "missed"
+    target = "met" if memory["rss_deferred_mb"] <= MEMORY_TARGET_MB and memory["peak_rss_load_mb"] <= MEMORY_TARGET_MB \
+        else "missed"
     return "\n".join([
         "| deferred-queue run (maildetour) | value |", "|---|---|",
         f"| messages deferred (size) | {memory['messages']} ({memory['size']} B body) |",
         f"| load time (accepted and attempted once) | {memory['load_seconds']:.1f} s |",
         f"| RSS with all of them deferred | {memory['rss_deferred_mb']:.1f} MB |",
-        f"| peak RSS while loading | {memory['peak_rss_load_mb']:.1f} MB (target ≤ 200 MB: {target}) |",
+        f"| peak RSS while loading | {memory['peak_rss_load_mb']:.1f} MB (target ≤ {MEMORY_TARGET_MB} MB: {target}) |",
         f"| restart with the queue full, until it listens | {memory['restart_seconds']:.2f} s |",
         f"| drain: restart until the last copy arrived | {memory['drain_seconds']:.1f} s "
         f"({memory['drain_per_s']:.0f} msg/s) |",
