@@ -9,8 +9,8 @@ carries, are left untouched. Key generation and public records live in `sign.dki
 (`generate_key` is re-exported here for its older callers).
 
 Contract: `sign` is pure apart from reading the clock for t= (inside dkimpy); CPU-bound (one
-RSA signature, a hash of the body), so callers on the event loop run it in a thread for big
-messages.
+RSA signature, by OpenSSL: `sign.rsa_openssl`; a hash of the body), so callers on the event
+loop run it in a thread for big messages.
 
 Exposure: internal; the message bytes come from the internet but are only hashed.
 
@@ -23,7 +23,12 @@ from __future__ import annotations
 import dkim
 from dkim.crypto import UnparsableKeyError, parse_pem_private_key
 
+from maildetour.sign import rsa_openssl
 from maildetour.sign.dkim_keys import MIN_RSA_BITS, DkimKeyError, generate_key
+
+# dkimpy's RSA (DKIM here, ARC in `sign.arc`) by OpenSSL: 0.2 ms a signature instead of 5.6 ms
+# of pure Python (issue 13); the same bytes.
+rsa_openssl.install()
 
 __all__ = [
     "DkimKeyError",
