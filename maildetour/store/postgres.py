@@ -68,6 +68,8 @@ _MARK_AFTER = 0.1  # as in store.sqlite: most attempts end sooner and need no ma
 _PURGE_BATCH = 500
 _MARGIN = 0.25  # of the lease: a local lease this close to its end is claimed again, not trusted
 _RETRY_OPEN = (0.5, 10.0)  # first and longest wait between tries to reach the database at start
+# First and longest pause between tries of an attempt's update while the database is away.
+_RETRY_FIRST, _RETRY_LONGEST = 0.2, 2.0
 # A copy is free for this node unless a live node other than it holds an unexpired lease.
 _CLAIMABLE = ("(c.lease_node IS NULL OR c.lease_node = %(node)s OR c.lease_until < " + DB_NOW +
               " OR NOT EXISTS (SELECT 1 FROM nodes n WHERE n.node = c.lease_node))")
@@ -414,7 +416,24 @@ class PostgresStore:
     def update(self, copy: Copy, events: Sequence[Event]) -> Awaitable[bool]:
         held = self._leased.pop(copy.id, None) is not None
         self._marks.pop(copy.id, None)
-        return self._ordered([copy.id], lambda: self._update(copy, events, held))
+        return self._ordered([copy.id], lambda: self._update_again(copy, events, held))
+
+    async def _update_again(self, copy: Copy, events: Sequence[Event], held: bool) -> bool:
+        """`_update`, tried again while the database cannot be reached (a restart), for as long
+        as this node's lease would last: the attempt's result (often a remote 250) is kept, not
+        forgotten and sent again once the database is back. Safe to repeat: the update applies
+        only while this node holds the copy. A COMMIT whose reply was lost repeats the events."""
+        deadline, pause = time.monotonic() + self.lease, _RETRY_FIRST
+        while True:
+            try:
+                return await self._update(copy, events, held)
+            except StoreUnavailable as exc:
+                if exc.errno != errno.EIO or time.monotonic() + pause > deadline:
+                    raise
+                log.warning("copy %d: the queue database did not take its update (%s); trying again in %.1f s",
+                            copy.id, exc.strerror, pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _RETRY_LONGEST)
 
     async def _update(self, copy: Copy, events: Sequence[Event], held: bool) -> bool:
         # Held by this node: only while it still is (another may have taken it over after the

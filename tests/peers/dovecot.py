@@ -24,8 +24,9 @@ on exit. The instance has:
   answers `{"active": true, "username": user}` for exactly that token and `{"active": false}`
   for anything else (the tokens it was asked about are in `introspected`).
 Helpers read a mailbox back over IMAP with the stdlib client (TLS verified with the test CA;
-it logs in with SASL LOGIN, so its logins are told apart from the agent's), count the agent's
-logins in Dovecot's log, and end sessions (`doveadm kick`).
+it logs in with SASL LOGIN, so its logins are told apart from the agent's) or from its Maildir
+files directly (`maildir_messages`), count the agent's logins in Dovecot's log, and end
+sessions (`doveadm kick`).
 
 Exposure: test-only; loopback only. Failure: a Dovecot that does not start is reported with
 `peer_unavailable` (skip by hand, fail in CI) with its error output; a missing Dovecot with
@@ -204,6 +205,23 @@ class DovecotPeer:
             return found
         finally:
             client.logout()
+
+    def maildir_messages(self, user: str | None = None) -> list[bytes]:
+        """The bytes of every message in the INBOX of `user` (default: `self.user`), read from
+        Dovecot's Maildir files directly (new/ and cur/; a message is there only once Dovecot
+        renamed it from tmp/, so complete): cheap enough to poll for hundreds of messages."""
+        root = self.base / "mail" / (user or self.user).lower()
+        found = []
+        for sub in ("new", "cur"):
+            directory = root / sub
+            if not directory.is_dir():
+                continue
+            for path in sorted(directory.iterdir()):
+                try:
+                    found.append(path.read_bytes())
+                except FileNotFoundError:  # moved from new/ to cur/ meanwhile (an IMAP reader)
+                    continue
+        return found
 
     def create_folder(self, folder: str) -> None:
         client = self.client()
