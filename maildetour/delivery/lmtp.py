@@ -60,7 +60,7 @@ from maildetour.delivery.smtp_pipeline import (
     parameters,
     sendable,
 )
-from maildetour.delivery.smtp_pool import QUIT_TIMEOUT
+from maildetour.delivery.smtp_pool import quit_politely
 
 
 class _Connection:
@@ -194,12 +194,7 @@ class LmtpAgent:
     @staticmethod
     async def _quit(connection: _Connection) -> None:
         connection.cancel_timer()
-        try:
-            await connection.smtp.quit(timeout=QUIT_TIMEOUT)
-        except Exception:  # a courtesy only; the connection is closed below either way
-            pass
-        finally:
-            connection.smtp.close()
+        await quit_politely(connection.smtp)
 
     def _trouble(self, exc: BaseException) -> Outcome:
         """The outcome for `exc`; the mail store out of reach is temporary, not Unreachable."""

@@ -20,6 +20,7 @@ import asyncio
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+
 from aiosmtplib import SMTP
 from aiosmtplib.errors import SMTPHeloError
 
@@ -30,6 +31,18 @@ from maildetour.delivery.tls_policy import TlsMode
 
 # QUIT on close() is a courtesy; do not let a slow server hold up shutdown.
 QUIT_TIMEOUT = 2.0
+
+
+async def quit_politely(smtp: SMTP) -> None:
+    """QUIT within QUIT_TIMEOUT, then close: a courtesy only, the connection is closed either way
+    (the SMTP and LMTP agents' idle connections)."""
+    try:
+        await smtp.quit(timeout=QUIT_TIMEOUT)
+    except Exception:
+        pass
+    finally:
+        smtp.close()
+
 
 _Key = tuple[str, int, str, TlsMode]
 
@@ -213,9 +226,4 @@ class SmtpPool:
     @staticmethod
     async def _quit(session: Session) -> None:
         session.cancel_timer()
-        try:
-            await session.smtp.quit(timeout=QUIT_TIMEOUT)
-        except Exception:  # a courtesy only; the connection is closed below either way
-            pass
-        finally:
-            session.smtp.close()
+        await quit_politely(session.smtp)
