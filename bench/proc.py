@@ -50,6 +50,23 @@ def wait_port(host: str, port: int, *, timeout: float,
         time.sleep(0.05)
 
 
+def children(pid: int) -> list[int]:
+    """The direct children of `pid` (e.g. maildetour's SMTP intake workers), from /proc."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def wait_gone(pids: list[int], *, timeout: float) -> None:
+    """Until every one of `pids` has exited (a zombie has: its sockets are closed)."""
+    deadline = time.monotonic() + timeout
+    while any((fields := _stat_fields(pid)) is not None and fields[0] != "Z" for pid in pids):
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"processes {pids} still running after {timeout}s")
+        time.sleep(0.01)
+
+
 def _stat_fields(pid: int) -> list[str] | None:
     try:
         text = Path(f"/proc/{pid}/stat").read_text()

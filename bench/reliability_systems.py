@@ -39,7 +39,7 @@ from pathlib import Path
 from bench.maildetour_system import MaildetourSystem, seed_config
 from bench.observe import Sink
 from bench.postfix import PostfixRecipe
-from bench.proc import die_with_parent, group_members, wait_port
+from bench.proc import children, die_with_parent, group_members, wait_gone, wait_port
 from bench.sink import message_seq
 from bench.watch import MaildirWatch
 
@@ -88,11 +88,15 @@ class EditedMaildetour(MaildetourSystem):
 
     # --- what the fault runs ask of a system (GuardedPostfix answers the same) ---------------
     def crash(self) -> None:
-        """SIGKILL, as a crash: no shutdown of any kind."""
+        """SIGKILL, as a crash: no shutdown of any kind. The SMTP intake workers die with the
+        main process (PR_SET_PDEATHSIG); until they have, one of them still holds the SMTP port,
+        so the restart (and its time) begins once they are gone."""
         if self.proc is not None:
+            workers = children(self.proc.pid)
             self.proc.kill()
             self.proc.wait()
             self.proc = None
+            wait_gone(workers, timeout=10)
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -44,7 +44,7 @@ from maildetour.config.model import Config
 from maildetour.delivery.bounces import LateBounces
 from maildetour.inbound.handler import Handler
 from maildetour.inbound.server import SessionFactory
-from maildetour.intake_channel import MAX_LINE, Notifier, RelayedMetrics
+from maildetour.intake_channel import INLINE, MAX_LINE, Notifier, RelayedMetrics
 from maildetour.statelock import share_intake_lock
 from maildetour.store.sqlite import SqliteStore
 from maildetour.wiring import wire
@@ -69,12 +69,14 @@ async def serve(config: Config, channel: int, listening: list[int], clock: Calla
     loop = asyncio.get_running_loop()
     wiring = wire(config, clock)
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=channel), limit=MAX_LINE)
-    notifier = Notifier(writer)
+    delivery = config.delivery
+    # The cache holds an accepted message only until its notice takes it to the main process,
+    # which delivers it (`Notifier`, INLINE); larger ones the main process reads from the spool.
+    store = SqliteStore(config.queue_db, config.spool_dir, config.audit_log, upgrade=False,
+                        cache_bytes=4 * INLINE, cache_seconds=60.0)
+    notifier = Notifier(writer, bytes_of=store.take_cached)
     metrics = RelayedMetrics(notifier)
     metrics.configure(config.destinations)
-    delivery = config.delivery
-    # No cache of accepted bytes: the main process delivers, and reads them from the spool.
-    store = SqliteStore(config.queue_db, config.spool_dir, config.audit_log, upgrade=False)
     late = LateBounces(store=store, hostname=config.server.hostname, report=notifier.report,
                        left_by_smtp=lambda target: wiring.table.kind(target) == "smtp",
                        keep_for=delivery.late_bounce_window, purge_interval=delivery.purge_interval,

@@ -24,6 +24,7 @@ line says why), OSError when it cannot be started at all.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import signal
@@ -227,8 +228,11 @@ class IntakeWorkers:
             case ["ready", int()]:
                 if not worker.ready.done():
                     worker.ready.set_result(None)
-            case ["copies", list() as copies]:
-                self.scheduler.submit([decode_copy(c) for c in copies])
+            case ["copies", list() as copies, *inline]:
+                decoded = [decode_copy(c) for c in copies]
+                if decoded and inline and isinstance(inline[0], str):
+                    self.store.remember(decoded[0].queue_id, base64.b64decode(inline[0]))
+                self.scheduler.submit(decoded)
             case ["report", copy, outcome]:
                 self._spawn(self.scheduler.report(decode_copy(copy), decode_outcome(outcome)))
             case ["count", str() as name, list() as args]:

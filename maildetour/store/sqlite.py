@@ -366,6 +366,18 @@ class SqliteStore:
 
         return await self._submit(read)
 
+    def take_cached(self, queue_id: str) -> bytes | None:
+        """The bytes `accept` just kept in the cache, taken out of it (an SMTP intake worker
+        passes them on with its notice, and delivers nothing itself)."""
+        data = self._cache.get(queue_id)
+        self._cache.drop(queue_id)
+        return data
+
+    def remember(self, queue_id: str, data: bytes) -> None:
+        """Bytes of a committed message, from the intake worker that accepted it: `read` then
+        needs no trip to the spool (if they fit the cache)."""
+        self._cache.put(queue_id, data)
+
     async def read(self, queue_id: str) -> bytes:
         data = self._cache.get(queue_id)
         if data is None:

@@ -14,6 +14,7 @@ import pytest
 
 from maildetour.core.outcome import Delivered, PermanentFailure
 from maildetour.intake_channel import (
+    INLINE,
     Notifier,
     RelayedMetrics,
     count,
@@ -134,3 +135,70 @@ def test_the_sweep_schedules_exactly_the_copies_nobody_announced(tmp_path: Path)
     assert adopted == ["LOST", "LOST", "LATER"]
     assert found == [0, 2, 1, 0]
     assert matching == 3
+
+
+class SubmittingScheduler:
+    def __init__(self) -> None:
+        self.submitted: list[Copy] = []
+
+    def submit(self, copies: list[Copy]) -> None:
+        self.submitted += copies
+
+
+def test_a_small_message_travels_with_its_notice_and_is_not_read_from_the_spool(tmp_path: Path) -> None:
+    """The worker's notice carries the bytes it just committed (up to INLINE); the main process
+    keeps them for the delivery, which then reads nothing from the spool. A larger message
+    travels without them (null) and is read from the spool as before."""
+    config = seed_config(tmp_path)
+    paths = (tmp_path / "queue.sqlite3", tmp_path / "spool", tmp_path / "audit.jsonl")
+    small, large = b"Subject: small\r\n\r\nhi\r\n", b"x" * (INLINE + 1)
+
+    async def main() -> tuple[list[list[Any]], bytes, bytes, list[str]]:
+        ours = SqliteStore(*paths, cache_bytes=8 << 20, cache_seconds=60)
+        ours.recover()
+        worker = SqliteStore(*paths, upgrade=False, cache_bytes=4 * INLINE, cache_seconds=60)
+        tasks = [asyncio.create_task(ours.run()), asyncio.create_task(worker.run())]
+        sent: list[bytes] = []
+
+        class Writer:
+            def is_closing(self) -> bool:
+                return False
+
+            def write(self, data: bytes) -> None:
+                sent.append(data)
+
+        try:
+            notifier = Notifier(Writer(), bytes_of=worker.take_cached)  # type: ignore[arg-type]
+            for queue_id, data in (("SMALL", small), ("LARGE", large)):
+                copies = await worker.accept(Message(queue_id, "a@b.example", 5.0, "", 3, "c"), data,
+                                             [NewCopy("ituki@example.com", "t@pc.example.net", False)],
+                                             [Event(5.0, queue_id, None, "accepted", "ituki@example.com", "")])
+                notifier.accepted(copies)
+            scheduler = SubmittingScheduler()
+            intake = IntakeWorkers(config, scheduler=scheduler, store=ours, metrics=Metrics(),  # type: ignore[arg-type]
+                                   spawn=asyncio.ensure_future)
+            messages = [decode(line) for line in sent]
+            for message in messages:
+                intake._hear(None, message)  # type: ignore[arg-type]
+            for path in (tmp_path / "spool").iterdir():
+                if path.is_file():
+                    path.unlink()  # what is read now can only come from memory
+            got_small = await ours.read("SMALL")
+            try:
+                got_large = await ours.read("LARGE")
+            except FileNotFoundError:
+                got_large = b"<read from the spool, which is gone>"
+            return messages, got_small, got_large, [c.queue_id for c in scheduler.submitted]
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            worker.close()
+            ours.close()
+
+    messages, got_small, got_large, submitted = asyncio.run(main())
+    assert [m[0] for m in messages] == ["copies", "copies"]
+    assert messages[0][2] is not None and messages[1][2] is None  # the large one travels without
+    assert got_small == small
+    assert got_large == b"<read from the spool, which is gone>"
+    assert submitted == ["SMALL", "LARGE"]
