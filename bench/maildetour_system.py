@@ -22,14 +22,13 @@ Failure: RuntimeError with the server's log tail when it does not listen within 
 from __future__ import annotations
 
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.proc import cpu_seconds_tree, die_with_parent, memory_kb, wait_port
+from bench.proc import cpu_seconds_tree, die_with_parent, memory_kb, terminate, wait_port
 
 # The seed config of the repository (the one the README shows and the tests run). It is read
 # as a file, not imported: `--maildetour-src` may run another checkout's package.
@@ -122,16 +121,9 @@ class MaildetourSystem:
             raise RuntimeError(f"maildetour did not start ({exc}):\n{self.logs()}") from None
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        if self.proc is not None:
+            terminate(self.proc, timeout=20)
+            self.proc = None
 
     @property
     def pid(self) -> int:

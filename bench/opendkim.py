@@ -23,11 +23,10 @@ opendkim-tools).
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
-from bench.proc import cpu_seconds_tree, die_with_parent, free_port, wait_port
+from bench.proc import cpu_seconds_tree, die_with_parent, free_port, terminate, wait_port
 
 _CONFIG = """\
 Syslog                  no
@@ -87,17 +86,9 @@ class OpenDkim:
             raise RuntimeError(f"opendkim did not start ({exc}):\n{self.output()}") from None
 
     def stop(self) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        self.proc = None
+        if self.proc is not None:
+            terminate(self.proc)
+            self.proc = None
 
     def cpu_seconds(self) -> float:
         """CPU time of the milter (all its threads)."""

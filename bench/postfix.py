@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.opendkim import OpenDkim
-from bench.proc import cpu_seconds_tree, die_with_parent, group_members, wait_port
+from bench.proc import cpu_seconds_tree, die_with_parent, group_members, terminate, wait_port
 
 PUBLIC = "ituki@example.com"
 PC = "ituki@pc.example.net"
@@ -96,13 +96,7 @@ class Instance:
         proc = self.proc
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
         deadline = time.monotonic() + 1.0
         while (left := group_members(proc.pid)) and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -50,6 +50,18 @@ def wait_port(host: str, port: int, *, timeout: float,
         time.sleep(0.05)
 
 
+def terminate(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Stop a process the bench started: SIGTERM, then SIGKILL if it is still there after
+    `timeout` seconds; reaped either way."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def children(pid: int) -> list[int]:
     """The direct children of `pid` (e.g. maildetour's SMTP intake workers), from /proc."""
     try:

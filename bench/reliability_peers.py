@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +24,7 @@ import dns.exception
 import dns.message
 import dns.query
 
-from bench.proc import die_with_parent, memory_kb
+from bench.proc import die_with_parent, memory_kb, terminate
 
 
 # --- DNS ---------------------------------------------------------------------------------------
@@ -71,16 +70,9 @@ class Dnsmasq:
                 time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        if self.proc is not None:
+            terminate(self.proc)
+            self.proc = None
 
     def queries(self) -> int:
         """Queries dnsmasq logged so far (all runs on this workdir)."""
