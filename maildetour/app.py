@@ -12,8 +12,9 @@ One `metrics.Metrics` per process (a reload keeps its counts); with `[metrics] l
 endpoint (`metrics_endpoint`) serves it and /healthz, /readyz once the listeners are bound, and
 moves only when a reload changes `metrics.listen` (the new one bound before the old closes).
 With `[server] workers` > 1 this process holds the SMTP sockets without serving them and
-`intake_workers.IntakeWorkers` runs N - 1 SMTP intake processes on them: their commits come
-back as notices for the scheduler, a reload starts a new set, a stop ends them first.
+`intake_workers.IntakeWorkers` runs N - 1 SMTP intake processes on them: this process commits
+what they receive (the queue's one writer) and schedules it at once, a reload starts a new
+set, a stop ends them first.
 """
 
 from __future__ import annotations
@@ -192,8 +193,6 @@ class App:
                 background.append(tasks.create_task(parts.sweeper.run()))
                 failed = await self._start_intake(parts, listeners, tasks)
                 if failed is None:
-                    if self._intake is not None:
-                        background.append(tasks.create_task(self._intake.sweep()))
                     self._handle_signals(parts.scheduler)
                     log.info("maildetour ready: %s", listeners.describe())
                     pid_file.write_text(f"{os.getpid()}\n")
@@ -206,7 +205,7 @@ class App:
                 notify("STOPPING=1", "STATUS=stopping: finishing the messages being received")
                 async with self._reloading:  # a reload half done finishes first
                     if self._intake is not None:
-                        await self._intake.stop()  # they finish their commits, and announce them
+                        await self._intake.stop()  # they finish their sessions' commits, which we answer
                     await listeners.close()
                     await parts.sessions.handler.drain()  # a message being committed still is
                 for task in background:

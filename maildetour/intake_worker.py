@@ -4,15 +4,14 @@ Faces the internet (it runs the SMTP sessions). With `[server] workers = N` > 1 
 process (`app`, `intake_workers`) binds the SMTP sockets and starts N - 1 of these with
 `python -m maildetour.intake_worker`; each inherits the sockets and one end of its channel
 (`intake_channel`), reads the same config file, and accepts from the sockets' shared queue:
-the same sessions, checks and handler as a single process (`inbound`), with a store of its
-own on the same queue database and spool (`store.sqlite`: its own connection and writer
-thread, group commit per process, the write lock taken in turn with the others). After its
-commit — and before the 250 — it tells the main process the new copies, which the main
-process schedules at once; its counts go the same way. It never delivers, never runs the
-retention sweep and never changes a copy after its commit, so each copy is attempted by the
-main process alone.
+the same sessions, checks and handler as a single process (`inbound`). Its store
+(`intake_store.RelayedStore`) writes each message's bytes to the spool (fsync'ed, on this
+core) and has the main process commit the rows (the queue database's one writer), which
+schedules the copies at that moment; the 250 follows the main process's answer. Its counts
+and late bounces go the same way. It never delivers, never writes the queue database and
+never runs the retention sweep, so each copy is attempted by the main process alone.
 
-Contract: 250 only after `Store.accept` committed (as in one process). It starts only under a
+Contract: 250 only after the main process committed (as in one process). It starts only under a
 living main process (PR_SET_PDEATHSIG: it is killed when the main process dies, in any way,
 kill -9 included) and holds the state dir's intake lock shared while it may write, so a new
 main process never clears a spool file a worker is still committing. Signals: SIGTERM stops
@@ -44,9 +43,10 @@ from maildetour.config.model import Config
 from maildetour.delivery.bounces import LateBounces
 from maildetour.inbound.handler import Handler
 from maildetour.inbound.server import SessionFactory
-from maildetour.intake_channel import INLINE, MAX_LINE, Notifier, RelayedMetrics
+from maildetour.intake_channel import MAX_LINE, Channel, RelayedMetrics
+from maildetour.intake_store import RelayedStore
 from maildetour.statelock import share_intake_lock
-from maildetour.store.sqlite import SqliteStore
+from maildetour.store.records import Copy
 from maildetour.wiring import wire
 
 log = logging.getLogger("maildetour.intake")
@@ -70,19 +70,18 @@ async def serve(config: Config, channel: int, listening: list[int], clock: Calla
     wiring = wire(config, clock)
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=channel), limit=MAX_LINE)
     delivery = config.delivery
-    # The cache holds an accepted message only until its notice takes it to the main process,
-    # which delivers it (`Notifier`, INLINE); larger ones the main process reads from the spool.
-    store = SqliteStore(config.queue_db, config.spool_dir, config.audit_log, upgrade=False,
-                        cache_bytes=4 * INLINE, cache_seconds=60.0)
-    notifier = Notifier(writer, bytes_of=store.take_cached)
-    metrics = RelayedMetrics(notifier)
+    to_main = Channel(writer)
+    # The worker writes its messages' bytes to the spool; the main process commits the rows
+    # (the queue's one writer) and delivers (`intake_store`).
+    store = RelayedStore(config.queue_db, config.spool_dir, config.audit_log, to_main)
+    metrics = RelayedMetrics(to_main)
     metrics.configure(config.destinations)
-    late = LateBounces(store=store, hostname=config.server.hostname, report=notifier.report,
+    late = LateBounces(store=store, hostname=config.server.hostname, report=to_main.report,
                        left_by_smtp=lambda target: wiring.table.kind(target) == "smtp",
                        keep_for=delivery.late_bounce_window, purge_interval=delivery.purge_interval,
                        clock=clock, metrics=metrics)
     handler = Handler(table=wiring.table, store=store, hostname=config.server.hostname, limits=wiring.limits,
-                      on_accepted=notifier.accepted, clock=clock, checks=wiring.checks, srs=wiring.srs,
+                      on_accepted=_scheduled_by_main, clock=clock, checks=wiring.checks, srs=wiring.srs,
                       on_late_bounce=late.receive, authserv_id=wiring.authserv_id, metrics=metrics)
     sessions = SessionFactory(handler, **session_settings(wiring), metrics=metrics)
     stop, retire = asyncio.Event(), asyncio.Event()
@@ -93,18 +92,17 @@ async def serve(config: Config, channel: int, listening: list[int], clock: Calla
         loop.add_signal_handler(sig, handle)
     try:
         async with asyncio.TaskGroup() as tasks:
-            writing = tasks.create_task(store.run())
             servers = [await loop.create_server(sessions, sock=socket.socket(fileno=fd)) for fd in listening]
-            watching = tasks.create_task(_until_closed(reader, stop))
+            listening_to_main = tasks.create_task(_until_closed(to_main, reader, stop))
             retiring = tasks.create_task(_retire(retire, servers, sessions, stop))
-            notifier.ready(os.getpid())
+            to_main.ready(os.getpid())
             log.info("intake worker serving (pid %d, %s loop)", os.getpid(), eventloop.running_name())
             await stop.wait()
             for server in servers:
                 server.close()
-            await handler.drain()  # a message being committed still is, and announced
-            await notifier.drain()
-            for task in (writing, watching, retiring):
+            await handler.drain()  # a message being committed still is (the main process answers)
+            await to_main.drain()
+            for task in (listening_to_main, retiring):
                 task.cancel()
     finally:
         await asyncio.gather(*(agent.close() for agent in wiring.agents.values()), return_exceptions=True)
@@ -112,14 +110,17 @@ async def serve(config: Config, channel: int, listening: list[int], clock: Calla
         writer.close()
 
 
+def _scheduled_by_main(copies: list[Copy]) -> None:
+    """The handler's `on_accepted`: nothing to do, the main process scheduled them at its commit."""
+
+
 def _ignored() -> None:
     pass
 
 
-async def _until_closed(reader: asyncio.StreamReader, stop: asyncio.Event) -> None:
-    """The main process closed its end (it is gone or stopping): stop."""
-    while await reader.read(4096):
-        pass
+async def _until_closed(to_main: Channel, reader: asyncio.StreamReader, stop: asyncio.Event) -> None:
+    """Take the main process's answers; when it closes its end (it is gone or stopping): stop."""
+    await to_main.listen(reader)
     log.warning("the main process closed the channel; stopping")
     stop.set()
 

@@ -1,30 +1,32 @@
-"""The main process's side of the SMTP intake workers: start them, hear them, replace them.
+"""The main process's side of the SMTP intake workers: start them, answer them, replace them.
 
 Internal. With `[server] workers = N` > 1, `App` binds the SMTP sockets (`listeners`,
 without serving them) and `IntakeWorkers` starts N - 1 `intake_worker` processes that inherit
 them: the kernel keeps one queue of connections per socket, and whichever worker is free takes
 the next one (a worker killed with connections waiting loses none of them: they stay queued
 for the others). Each worker gets a channel (`intake_channel`); what it says is acted on here:
-committed copies go to the scheduler at once (`Scheduler.submit`), late bounces to
-`Scheduler.report`, counts to this process's `Metrics` (the registry `/metrics` serves).
+a message it received (bytes in the spool) is committed by this process's store
+(`SqliteStore.enter`, the queue's one writer), answered, and its copies go to the scheduler at
+once (`Scheduler.submit`); late bounces go to `Scheduler.report`, counts to this process's
+`Metrics` (the registry `/metrics` serves).
 
-A notice is lost only with a worker killed between its commit and its write; `sweep` finds such
-copies in the store every `SWEEP_INTERVAL` (copies committed since the sweep before last: by then
-every notice sent has long arrived) and `Scheduler.adopt` schedules those it does not know:
-at-least-once, never twice at once. A worker that ends without being asked is started again
-(at once, or after a pause that doubles while they keep dying young). A reload (`replace`)
-starts a new set with the new config and sockets and, once every one of them is serving, retires
-the old set (they close their listeners and finish their open sessions); a new set that cannot
-start is stopped and the old one kept. `stop` ends them all (SIGTERM: they finish the commits
-in flight) before the main process stops.
+Every copy is scheduled where it is committed, so none can be committed unannounced. A worker
+that ends without being asked is started again (at once, or after a pause that doubles while
+they keep dying young). A reload (`replace`) starts a new set with the new config and sockets
+and, once every one of them is serving, retires the old set (they close their listeners and
+finish their open sessions); a new set that cannot start is stopped and the old one kept.
+`stop` ends them all (SIGTERM: they finish the commits in flight, which this process still
+answers) before the main process stops.
 Failure: `start` raises IntakeFailed (an OSError) when a worker does not come up (its own log
-line says why), OSError when it cannot be started at all.
+line says why), OSError when it cannot be started at all. A commit that fails here is answered
+"refused" (the worker says 451).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import os
 import signal
@@ -40,14 +42,23 @@ from typing import Any
 import maildetour
 from maildetour.config.model import Config
 from maildetour.delivery.scheduler import Scheduler
-from maildetour.intake_channel import MAX_LINE, count, decode, decode_copy, decode_outcome
+from maildetour.intake_channel import (
+    MAX_LINE,
+    count,
+    decode,
+    decode_copy,
+    decode_event,
+    decode_message,
+    decode_new_copy,
+    decode_outcome,
+    encode_copy,
+)
 from maildetour.metrics import Metrics
-from maildetour.store.records import Copy
+from maildetour.store.records import Event, Message, NewCopy
 from maildetour.store.sqlite import SqliteStore
 
 log = logging.getLogger("maildetour.intake")
 
-SWEEP_INTERVAL = 5.0  # seconds between looks for copies whose notice never came
 START_TIMEOUT = 30.0  # a worker that is not serving by then has failed to start
 STOP_TIMEOUT = 30.0  # a worker still running this long after SIGTERM is killed
 _YOUNG = 10.0  # a worker that dies younger than this makes the next start wait
@@ -85,12 +96,10 @@ class IntakeWorkers:
         self._all: set[_Worker] = set()  # every worker process not yet reaped, retiring ones too
         self._pause = 0.0
         self._stopping = False
-        self._swept = self._top = 0  # copy ids: all up to `_swept` looked at; `_top` seen last time
 
     # --- the set ------------------------------------------------------------------------------
     async def start(self, sockets: list[socket.socket]) -> None:
         """Start the workers on `sockets` and wait until each one serves. Raises OSError."""
-        await self.mark_known()
         self._sockets = list(sockets)
         self._current = await self._start_set(self.config, self._sockets)
 
@@ -228,44 +237,44 @@ class IntakeWorkers:
             case ["ready", int()]:
                 if not worker.ready.done():
                     worker.ready.set_result(None)
-            case ["copies", list() as copies, *inline]:
-                decoded = [decode_copy(c) for c in copies]
-                if decoded and inline and isinstance(inline[0], str):
-                    self.store.remember(decoded[0].queue_id, base64.b64decode(inline[0]))
-                self.scheduler.submit(decoded)
+            case ["accept", int() as token, list() as message, list() as copies, list() as events, inline]:
+                data = None if inline is None else base64.b64decode(inline)
+                self._spawn(self._enter(worker, token, decode_message(message), [decode_new_copy(c) for c in copies],
+                                        [decode_event(e) for e in events], data))
+            case ["finish", int() as token, str() as queue_id, keep_until]:
+                self._spawn(self._finish(worker, token, queue_id, keep_until))
             case ["report", copy, outcome]:
                 self._spawn(self.scheduler.report(decode_copy(copy), decode_outcome(outcome)))
             case ["count", str() as name, list() as args]:
                 count(self.metrics, name, args)
 
-    # --- the sweep ------------------------------------------------------------------------------
-    async def mark_known(self) -> None:
-        """Copies committed until now are not the sweep's: the scheduler loads them at start."""
-        _, self._top = await self.store.new_copies(0, 0)
-        self._swept = self._top
+    async def _enter(self, worker: _Worker, token: int, message: Message, copies: list[NewCopy],
+                     events: list[Event], data: bytes | None) -> None:
+        """Commit what `worker` received (its bytes are in the spool), answer it, and schedule
+        the copies: the worker sends its 250 when the answer arrives, while delivery starts here."""
+        try:
+            made = await self.store.enter(message, copies, events)
+        except Exception as exc:  # the worker answers 451 and removes its file
+            log.error("%s: commit for intake worker %d failed: %s", message.queue_id, worker.index, exc)
+            self._answer(worker, "refused", token, f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+            return
+        if data is not None:
+            self.store.remember(message.queue_id, data)
+        self._answer(worker, "accepted", token, [encode_copy(c) for c in made])
+        self.scheduler.submit(made)
 
-    async def sweep(self) -> None:
-        """Every SWEEP_INTERVAL: schedule copies committed by a worker whose notice never came."""
-        while True:
-            await asyncio.sleep(SWEEP_INTERVAL)
-            try:
-                await self.sweep_once()
-            except Exception as exc:  # a store that cannot read now: the next sweep looks again
-                log.error("sweep for unannounced copies failed: %s", exc)
+    async def _finish(self, worker: _Worker, token: int, queue_id: str, keep_until: float | None) -> None:
+        try:
+            await self.store.finish(queue_id, keep_until)
+        except Exception as exc:
+            log.error("%s: finish for intake worker %d failed: %s", queue_id, worker.index, exc)
+            self._answer(worker, "refused", token, f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+            return
+        self._answer(worker, "finished", token)
 
-    async def sweep_once(self) -> int:
-        """One sweep: hand the scheduler the queued copies committed between the sweep before
-        last and the last one (their notices, if sent, have long arrived: it skips those it
-        knows). Returns how many it did not know."""
-        found = await self.scheduler.adopt(self._unannounced())
-        if found:
-            log.warning("%d copies committed by SMTP intake workers were not announced; scheduled now", found)
-        return found
-
-    async def _unannounced(self) -> list[Copy]:
-        copies, top = await self.store.new_copies(self._swept, self._top)
-        self._swept, self._top = self._top, top
-        return copies
+    def _answer(self, worker: _Worker, *answer: Any) -> None:
+        if not worker.writer.is_closing():  # a worker gone meanwhile: its session ended without 250
+            worker.writer.write(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
 
 
 def _how(code: int) -> str:

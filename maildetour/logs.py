@@ -22,6 +22,10 @@ LogFormat = Literal["plain", "json"]
 def setup(level: int = logging.INFO, fmt: LogFormat = "plain", process: str | None = None) -> None:
     """`process`: which process the lines come from, when it is not the main one (an SMTP
     intake worker: "intake1"), shown after the logger's name ("maildetour.inbound[intake1]")."""
+    # What `LineFormatter` never shows, each record need not gather (the logging docs'
+    # "Optimization"): the caller's frame, thread, process and multiprocessing names.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LineFormatter(fmt, process))
     root = logging.getLogger()

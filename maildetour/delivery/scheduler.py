@@ -125,7 +125,7 @@ class Scheduler:
         self._flush_requested = self._reload_requested = False
         self._store_down = False  # a write failed: no attempt starts until `store.health()` is fine
         self.store_recheck = _STORE_RECHECK
-        self._dropping: list[set[int]] = []  # per `adopt` in progress: copies forgotten meanwhile
+        self._dropping: list[set[int]] = []  # per `_read` in progress: copies forgotten meanwhile
 
     def reconfigure(self, *, table: RoutingTable, agents: Mapping[Kind, Agent], retry: RetryRules,
                     max_parallel: int, dsn: DsnWriter, keep_for: float | None, rate_delay: float,
@@ -140,7 +140,7 @@ class Scheduler:
 
     # --- intake -----------------------------------------------------------------------------
     def submit(self, copies: list[Copy]) -> None:
-        """Schedule copies the store has committed (new mail, a DSN, adopted ones). Wakes the
+        """Schedule copies the store has committed (new mail, a DSN). Wakes the
         loop at once. A copy due beyond the horizon is left to the store (read when it nears)."""
         now = self.clock()
         for copy in copies:
@@ -165,21 +165,6 @@ class Scheduler:
         dropped, and known copies made due earlier there are rescheduled."""
         self._reload_requested = True
         self._wake.set()
-
-    async def adopt(self, found: Awaitable[list[Copy]]) -> int:
-        """Schedule copies another process committed whose notice never came (an SMTP intake
-        worker killed between its commit and its notice): those in `found` (a read of the store)
-        not known here. A copy forgotten here while `found` was being read is not taken back:
-        that read may predate the update that finished it. Returns how many were new."""
-        dropped: set[int] = set()
-        self._dropping.append(dropped)
-        try:
-            copies = await found
-        finally:
-            self._dropping.remove(dropped)
-        fresh = [c for c in copies if c.id not in dropped and c.id not in self._copies]
-        self.submit(fresh)
-        return len(fresh)
 
     async def report(self, copy: Copy, outcome: Outcome) -> None:
         """An outcome that arrived after the fact: a late bounce about a copy we delivered."""

@@ -1,7 +1,8 @@
 """Maildir mailboxes: durable delivery, and listing/reading/removing for the POP3 server.
 
-Contract: `deliver` returns only after the message file is fsync'ed, renamed into `new/` and
-`new/` itself is fsync'ed (stdlib `mailbox.Maildir.add` skips the directory fsync and writes
+Contract: `deliver` (and `deliver_many`, several at once with one fsync of each `new/`)
+returns only after the message file is fsync'ed, renamed into `new/` and `new/` itself is
+fsync'ed (stdlib `mailbox.Maildir.add` skips the directory fsync and writes
 mode 0644; we write 0600 in 0700 directories), and only once the Maildir's directories and any
 ancestors it had to make have durable names (`durable.make_dirs`: each fsync'ed into its
 parent). `remove` fsyncs the directory it unlinked from. Listing reads names and `stat`s,
@@ -27,7 +28,7 @@ import secrets
 import socket
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -60,17 +61,42 @@ def deliver(root: Path, data: bytes) -> str:
     """Store `data` as a new message in the Maildir at `root`; return the file's base name.
 
     Creates root/{tmp,new,cur} (mode 0700) when missing. Durable on return. Raises OSError."""
-    ensure_maildir(root)
-    name = _unique_name(len(data), wire_size(data))
-    tmp_path = root / "tmp" / name
-    write_synced(tmp_path, data)
-    try:
-        os.rename(tmp_path, root / "new" / name)
-    except BaseException:
-        _unlink_quietly(tmp_path)
-        raise
-    fsync_dir(root / "new")
-    return name
+    [result] = deliver_many([(root, data)])
+    if isinstance(result, OSError):
+        raise result
+    return result
+
+
+def deliver_many(messages: Sequence[tuple[Path, bytes]]) -> list[str | OSError]:
+    """`deliver` for several messages at once (a group commit): each file written, fsync'ed and
+    renamed into its Maildir's `new/`, then each `new/` touched fsync'ed once for all of them.
+    Per message, in order: its file's base name, or the OSError that stopped it (a failed
+    directory fsync fails every message renamed into that directory: none is durable)."""
+    results: list[str | OSError] = []
+    renamed: dict[Path, list[int]] = {}  # new/ -> the messages renamed into it
+    for index, (root, data) in enumerate(messages):
+        try:
+            ensure_maildir(root)
+            name = _unique_name(len(data), wire_size(data))
+            tmp_path = root / "tmp" / name
+            write_synced(tmp_path, data)
+            try:
+                os.rename(tmp_path, root / "new" / name)
+            except BaseException:
+                _unlink_quietly(tmp_path)
+                raise
+        except OSError as exc:
+            results.append(exc)
+            continue
+        results.append(name)
+        renamed.setdefault(root / "new", []).append(index)
+    for directory, indexes in renamed.items():
+        try:
+            fsync_dir(directory)
+        except OSError as exc:
+            for index in indexes:
+                results[index] = exc
+    return results
 
 
 def ensure_maildir(root: Path) -> None:

@@ -43,7 +43,7 @@ from maildetour.store.records import (
     Story,
 )
 from maildetour.store.retention import RetentionReport
-from maildetour.store.schema import BUSY_TIMEOUT_MS, open_database
+from maildetour.store.schema import open_database
 from maildetour.store.spool import Spool
 
 T = TypeVar("T")
@@ -117,6 +117,7 @@ class SqliteStore:
         self._dirs = (db_path.parent, spool_dir)  # where writes go: the queue's and the spool's
         self._failure: tuple[float, str] | None = None  # when and why the last transaction failed
         self._marks: list[tuple[Sequence[int], float]] = []  # attempts started, not yet queued (`started`)
+        self._own_busy_handling = False  # `_begin` waits for the write lock, not SQLite's busy timeout
 
     def recover(self) -> None:
         """At the server's start only: half-written spool files of a crashed run, and spool
@@ -177,23 +178,31 @@ class SqliteStore:
 
     def _apply(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
         results: list[tuple[bool, Any]] = []
+        conn = self._conn
         try:
             if any(op.needs_spool_sync for op in batch):
                 self.spool.sync()
             self._begin()
-            for op in batch:
-                self._conn.execute("SAVEPOINT op")
+            if len(batch) == 1:  # its own transaction: a failing op rolls it back, no savepoint needed
                 try:
-                    results.append((True, op.func(self._conn)))
-                    self._conn.execute("RELEASE op")
-                except Exception as exc:  # one bad op must not sink the group
-                    self._conn.execute("ROLLBACK TO op")
-                    self._conn.execute("RELEASE op")
-                    results.append((False, exc))
-            self._conn.execute("COMMIT")
+                    results.append((True, batch[0].func(conn)))
+                except Exception as exc:
+                    conn.execute("ROLLBACK")
+                    return [(False, exc)]
+            else:
+                for op in batch:
+                    conn.execute("SAVEPOINT op")
+                    try:
+                        results.append((True, op.func(conn)))
+                        conn.execute("RELEASE op")
+                    except Exception as exc:  # one bad op must not sink the group
+                        conn.execute("ROLLBACK TO op")
+                        conn.execute("RELEASE op")
+                        results.append((False, exc))
+            conn.execute("COMMIT")
         except Exception as exc:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             self._failure = time.monotonic(), f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
             return [(False, exc) for _ in batch]
         self._failure = None
@@ -206,26 +215,27 @@ class SqliteStore:
         return results
 
     def _begin(self) -> None:
-        """BEGIN IMMEDIATE: take the write lock, which the SMTP intake workers (other processes,
-        each with a writer of its own) take too. SQLite's busy handler would sleep 1, 2, 5, 10 ms
-        between tries; a transaction holds the lock about a millisecond (one WAL fsync), so we
-        try again sooner (`_BUSY_FIRST` doubling to `_BUSY_LONGEST`), for at most `_BUSY_WAIT`,
-        then fail the batch like any other write (inbound 451; delivery tries again)."""
+        """BEGIN IMMEDIATE: take the write lock, which another process (an operator's `maildetour
+        queue` command, or a second server on another state dir's copy) may hold a moment.
+        SQLite's busy handler would sleep 1, 2, 5, 10 ms between tries; a transaction holds the
+        lock about a millisecond (one WAL fsync), so we try again sooner (`_BUSY_FIRST` doubling
+        to `_BUSY_LONGEST`), for at most `_BUSY_WAIT`, then fail the batch like any other write
+        (inbound 451; delivery tries again). The writer's connection has no busy timeout of its
+        own from its first transaction on: nothing else in a transaction waits for a lock."""
         conn = self._conn
-        conn.execute("PRAGMA busy_timeout=0")
-        try:
-            delay, deadline = _BUSY_FIRST, time.monotonic() + _BUSY_WAIT
-            while True:
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                    return
-                except sqlite3.OperationalError as exc:
-                    if getattr(exc, "sqlite_errorcode", 0) & 0xFF != _SQLITE_BUSY or time.monotonic() > deadline:
-                        raise
-                time.sleep(delay)
-                delay = min(delay * 2, _BUSY_LONGEST)
-        finally:
-            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        if not self._own_busy_handling:
+            conn.execute("PRAGMA busy_timeout=0")
+            self._own_busy_handling = True
+        delay, deadline = _BUSY_FIRST, time.monotonic() + _BUSY_WAIT
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", 0) & 0xFF != _SQLITE_BUSY or time.monotonic() > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, _BUSY_LONGEST)
 
     def _log(self, events: Any) -> None:
         assert self._audit is not None
@@ -258,6 +268,19 @@ class SqliteStore:
     async def accept(self, message: Message, data: bytes, copies: Sequence[NewCopy],
                      events: Sequence[Event]) -> list[Copy]:
         await asyncio.to_thread(self.spool.write, message.queue_id, data)
+        try:
+            made = await self.enter(message, copies, events)
+        except Exception:  # the insert failed: never committed; its file must not take space (a full
+            # disk). Not on cancellation: the queued insert may still commit, and needs the file.
+            await asyncio.to_thread(self.spool.remove, message.queue_id)
+            raise
+        self._cache.put(message.queue_id, data)
+        return made
+
+    async def enter(self, message: Message, copies: Sequence[NewCopy], events: Sequence[Event]) -> list[Copy]:
+        """Commit the rows of a message whose bytes are in the spool already (`Spool.write`, by
+        `accept` or by an SMTP intake worker, `intake_store`): in the writer's next transaction,
+        after the spool's directory is synced. The copies as committed."""
         logged = list(events)  # and the events of copies born final, added by `insert`
 
         def insert(conn: sqlite3.Connection) -> list[Copy]:
@@ -288,14 +311,7 @@ class SqliteStore:
             _insert_events(conn, logged)
             return made
 
-        try:
-            made = await self._submit(insert, spool=True, events=logged)
-        except Exception:  # the insert failed: never committed; its file must not take space (a full
-            # disk). Not on cancellation: the queued insert may still commit, and needs the file.
-            await asyncio.to_thread(self.spool.remove, message.queue_id)
-            raise
-        self._cache.put(message.queue_id, data)
-        return made
+        return await self._submit(insert, spool=True, events=logged)
 
     def update(self, copy: Copy, events: Sequence[Event]) -> Awaitable[bool]:
         def write(conn: sqlite3.Connection) -> bool:
@@ -351,31 +367,9 @@ class SqliteStore:
 
         return await self._submit(read)
 
-    async def new_copies(self, after: int, upto: int | None = None) -> tuple[list[Copy], int]:
-        """Queued copies with an id above `after` (and at most `upto`), and the highest copy id
-        now. Ids grow in commit order whichever process commits (SQLite gives a new row the
-        largest id + 1, under the one write lock), so calls that go on from the last one's
-        highest id see every copy committed meanwhile: how the main process finds copies an
-        intake worker committed but could not announce (`intake_workers`). One index range,
-        however long the queue."""
-        def read(conn: sqlite3.Connection) -> tuple[list[Copy], int]:
-            top = int(conn.execute("SELECT coalesce(max(id), 0) FROM copies").fetchone()[0])
-            start = after if top >= after else 0  # the newest rows were removed: ids start again
-            end = top if upto is None else min(upto, top)
-            return _copies(conn, "WHERE c.id > ? AND c.id <= ? AND c.state = 'queued'", (start, end)), top
-
-        return await self._submit(read)
-
-    def take_cached(self, queue_id: str) -> bytes | None:
-        """The bytes `accept` just kept in the cache, taken out of it (an SMTP intake worker
-        passes them on with its notice, and delivers nothing itself)."""
-        data = self._cache.get(queue_id)
-        self._cache.drop(queue_id)
-        return data
-
     def remember(self, queue_id: str, data: bytes) -> None:
-        """Bytes of a committed message, from the intake worker that accepted it: `read` then
-        needs no trip to the spool (if they fit the cache)."""
+        """Bytes of a message `enter` committed, from the intake worker that accepted it: `read`
+        then needs no trip to the spool (if they fit the cache)."""
         self._cache.put(queue_id, data)
 
     async def read(self, queue_id: str) -> bytes:

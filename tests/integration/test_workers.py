@@ -6,7 +6,6 @@ a reload replaces the workers without dropping a session, a stop is clean."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
@@ -20,9 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from maildetour.intake_workers import SWEEP_INTERVAL
-from maildetour.store.records import Event, Message, NewCopy
-from maildetour.store.sqlite import SqliteStore
 from tests.harness import Server, message, seed_text
 from tests.peers.ports import free_port
 
@@ -129,8 +125,7 @@ def test_a_worker_killed_under_load_loses_nothing_and_is_replaced(tmp_path: Path
         # The replacement: the same index, a new pid, serving.
         wait_for("a replacement worker", lambda: worker_pids(server).get(victim_index, victim) != victim, server)
         assert f"intake worker {victim_index} (pid {victim}) ended (signal SIGKILL); starting another" in server.log()
-        # Every 250 is delivered (the sweep adopts what a notice lost with the worker would
-        # have announced: within two sweep intervals), and none twice.
+        # Every 250 is delivered (the main process committed and scheduled it), and none twice.
         server.wait_mailbox(BOX, len(accepted), timeout=60)
         time.sleep(0.5)
         got = subjects(server)
@@ -145,34 +140,6 @@ def test_a_worker_killed_under_load_loses_nothing_and_is_replaced(tmp_path: Path
                  server)
         server.send(message("after the kill"), to=(BOX,))
         server.wait_mailbox(BOX, len(got) + 1)
-
-
-def test_a_copy_committed_without_its_notice_is_delivered_by_the_sweep(tmp_path: Path) -> None:
-    """What a worker killed between its commit and its notice leaves: copies in the store the
-    main process was never told about. The sweep finds them (within two SWEEP_INTERVALs) and
-    they are delivered, once."""
-    with server_with(tmp_path, workers=2) as server:
-        server.send(message("announced"), to=(BOX,))
-        server.wait_mailbox(BOX, 1)
-
-        async def commit_as_a_dead_worker() -> None:
-            store = SqliteStore(server.state / "queue.sqlite3", server.state / "spool", server.state / "audit.jsonl",
-                                upgrade=False)
-            writer = asyncio.create_task(store.run())
-            try:
-                await store.accept(Message("UNANNOUNCED1", "alice@sender.example", time.time(), "", 200, "test"),
-                                   message("never announced"), [NewCopy(BOX, BOX, False)],
-                                   [Event(time.time(), "UNANNOUNCED1", None, "accepted", BOX, "")])
-            finally:
-                writer.cancel()
-                await asyncio.gather(writer, return_exceptions=True)
-                store.close()
-
-        asyncio.run(commit_as_a_dead_worker())
-        server.wait_mailbox(BOX, 2, timeout=4 * SWEEP_INTERVAL)
-        assert "1 copies committed by SMTP intake workers were not announced; scheduled now" in server.log()
-        time.sleep(SWEEP_INTERVAL * 2)  # later sweeps do not take it again
-        assert subjects(server) == Counter({"announced": 1, "never announced": 1})
 
 
 def test_a_reload_replaces_the_workers_without_dropping_a_session(tmp_path: Path) -> None:

@@ -1,30 +1,36 @@
-"""SMTP intake workers (issue 13, "use every core"): the channel a worker speaks to the main
-process, and the main process's sweep that schedules copies a worker committed but could not
-announce (killed between its commit and its notice). Real SQLite stores, two on one database
-as the main process and a worker have."""
+"""SMTP intake workers (issue 13, "use every core"): the channel between a worker and the main
+process. A worker writes the bytes to the spool, the main process commits the rows (the queue's
+one writer), schedules the copies at once and answers; the worker's 250 waits for that answer.
+Real SQLite stores on one database and spool, the two ends on a real socket pair."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import sqlite3
 from pathlib import Path
-from typing import Any, Awaitable
+from typing import Any
 
 import pytest
 
 from maildetour.core.outcome import Delivered, PermanentFailure
 from maildetour.intake_channel import (
     INLINE,
-    Notifier,
+    Channel,
+    ChannelClosed,
+    CommitRefused,
     RelayedMetrics,
     count,
     decode,
+    decode_answer,
     decode_copy,
     decode_outcome,
     encode_copy,
     encode_outcome,
 )
-from maildetour.intake_workers import IntakeWorkers
+from maildetour.intake_store import RelayedStore
+from maildetour.intake_workers import IntakeWorkers, _Worker
 from maildetour.metrics import Metrics
 from maildetour.store.records import Copy, Event, Message, NewCopy
 from maildetour.store.sqlite import SqliteStore
@@ -35,18 +41,27 @@ COPY = Copy(7, "Q1", "a@b.example", "r@x.example", "t@x.example", "t@x.example",
 
 
 def test_copies_and_outcomes_cross_the_channel_unchanged() -> None:
-    line = json.dumps(["copies", [encode_copy(COPY)]]).encode()
-    message = decode(line)
-    assert [decode_copy(c) for c in message[1]] == [COPY]
+    line = json.dumps(["accepted", 1, [encode_copy(COPY)]]).encode()
+    message = decode_answer(line)
+    assert [decode_copy(c) for c in message[2]] == [COPY]
     for outcome in (Delivered("250 ok"), PermanentFailure("550 no", 550, "5.1.1")):
         assert decode_outcome(json.loads(json.dumps(encode_outcome(outcome)))) == outcome
 
 
-@pytest.mark.parametrize("line", [b"not json", b"[]", b'{"copies": []}', b'["copies"]', b'["delete", 7]',
-                                  b'["count", "os.system", []]', b'["report", [], "x"]'])
+@pytest.mark.parametrize("line", [b"not json", b"[]", b'{"copies": []}', b'["copies", []]', b'["delete", 7]',
+                                  b'["count", "os.system", []]', b'["report", [], "x"]',
+                                  b'["accept", "1", [], [], [], null]', b'["accept", 1, [], [], []]',
+                                  b'["accepted", 1, []]'])
 def test_anything_else_from_a_worker_is_refused(line: bytes) -> None:
     with pytest.raises(ValueError):
         decode(line)
+
+
+@pytest.mark.parametrize("line", [b'["accept", 1, [], [], [], null]', b'["accepted", "1", []]',
+                                  b'["refused", 1]', b'["ready", 1]'])
+def test_anything_else_from_the_main_process_is_refused(line: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode_answer(line)
 
 
 @pytest.mark.parametrize("value", [[1, 2], ["7", "Q1", *encode_copy(COPY)[2:]], "copy"])
@@ -65,7 +80,7 @@ def test_a_workers_counts_are_made_again_by_the_main_process() -> None:
         def write(self, data: bytes) -> None:
             sent.append(data)
 
-    relayed = RelayedMetrics(Notifier(Writer()))  # type: ignore[arg-type]
+    relayed = RelayedMetrics(Channel(Writer()))  # type: ignore[arg-type]
     relayed.accepted(3)
     relayed.refused("550 5.1.1")
     main = Metrics()
@@ -79,64 +94,6 @@ def test_a_workers_counts_are_made_again_by_the_main_process() -> None:
         count(main, "accepted", ["three"])
 
 
-class AdoptingScheduler:
-    """Records what the sweep hands over; knows the copies `known` names (announced ones)."""
-
-    def __init__(self) -> None:
-        self.known: set[int] = set()
-        self.adopted: list[Copy] = []
-
-    async def adopt(self, found: Awaitable[list[Copy]]) -> int:
-        fresh = [c for c in await found if c.id not in self.known]
-        self.adopted += fresh
-        self.known.update(c.id for c in fresh)
-        return len(fresh)
-
-
-async def commit(store: SqliteStore, queue_id: str, targets: int = 1) -> list[Copy]:
-    copies = [NewCopy("ituki@example.com", f"t{i}@pc.example.net", False) for i in range(targets)]
-    return await store.accept(Message(queue_id, "a@b.example", 5.0, "", 3, "c"), b"x\r\n", copies,
-                              [Event(5.0, queue_id, None, "accepted", "ituki@example.com", "")])
-
-
-def test_the_sweep_schedules_exactly_the_copies_nobody_announced(tmp_path: Path) -> None:
-    config = seed_config(tmp_path)
-    paths = (tmp_path / "queue.sqlite3", tmp_path / "spool", tmp_path / "audit.jsonl")
-
-    async def main() -> tuple[list[str], list[int], int]:
-        ours = SqliteStore(*paths)
-        ours.recover()
-        worker = SqliteStore(*paths, upgrade=False)  # an intake worker's own store on the same files
-        tasks = [asyncio.create_task(ours.run()), asyncio.create_task(worker.run())]
-        try:
-            await commit(ours, "BEFORE")  # the scheduler loads these at start: not the sweep's
-            scheduler = AdoptingScheduler()
-            intake = IntakeWorkers(config, scheduler=scheduler, store=ours, metrics=Metrics(),  # type: ignore[arg-type]
-                                   spawn=asyncio.ensure_future)
-            await intake.mark_known()
-            announced = await commit(worker, "ANNOUNCED", 2)
-            scheduler.known.update(c.id for c in announced)  # its notice came
-            lost = await commit(worker, "LOST", 2)  # its worker died before the notice
-            first = await intake.sweep_once()  # commits since the last look wait one more sweep
-            later = await commit(worker, "LATER")
-            second = await intake.sweep_once()
-            third = await intake.sweep_once()
-            fourth = await intake.sweep_once()
-            return ([c.queue_id for c in scheduler.adopted], [first, second, third, fourth],
-                    sum(1 for c in scheduler.adopted if c in lost or c in later))
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            worker.close()
-            ours.close()
-
-    adopted, found, matching = asyncio.run(main())
-    assert adopted == ["LOST", "LOST", "LATER"]
-    assert found == [0, 2, 1, 0]
-    assert matching == 3
-
-
 class SubmittingScheduler:
     def __init__(self) -> None:
         self.submitted: list[Copy] = []
@@ -145,60 +102,157 @@ class SubmittingScheduler:
         self.submitted += copies
 
 
-def test_a_small_message_travels_with_its_notice_and_is_not_read_from_the_spool(tmp_path: Path) -> None:
-    """The worker's notice carries the bytes it just committed (up to INLINE); the main process
-    keeps them for the delivery, which then reads nothing from the spool. A larger message
-    travels without them (null) and is read from the spool as before."""
-    config = seed_config(tmp_path)
-    paths = (tmp_path / "queue.sqlite3", tmp_path / "spool", tmp_path / "audit.jsonl")
+def new_message(queue_id: str) -> tuple[Message, list[NewCopy], list[Event]]:
+    return (Message(queue_id, "a@b.example", 5.0, "", 3, "c"),
+            [NewCopy("ituki@example.com", "t@pc.example.net", False),
+             NewCopy("ituki@example.com", "ituki-ex@gmail.com", True)],
+            [Event(5.0, queue_id, None, "accepted", "ituki@example.com", "")])
+
+
+class Pair:
+    """A worker's `RelayedStore` and the main process's `SqliteStore` + `IntakeWorkers` on one
+    database and spool, talking over a real socket pair as the two processes do."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.paths = (tmp_path / "queue.sqlite3", tmp_path / "spool", tmp_path / "audit.jsonl")
+        self.config = seed_config(tmp_path)
+        self.scheduler = SubmittingScheduler()
+
+    async def __aenter__(self) -> Pair:
+        self.ours = SqliteStore(*self.paths, cache_bytes=8 << 20, cache_seconds=60)
+        self.ours.recover()
+        self.writing = asyncio.create_task(self.ours.run())
+        main_sock, worker_sock = socket.socketpair()
+        self.main_reader, self.main_writer = await asyncio.open_unix_connection(sock=main_sock)
+        worker_reader, worker_writer = await asyncio.open_unix_connection(sock=worker_sock)
+        self.channel = Channel(worker_writer)
+        self.listening = asyncio.create_task(self.channel.listen(worker_reader))
+        self.worker = RelayedStore(*self.paths, self.channel)
+        self.intake = IntakeWorkers(self.config, scheduler=self.scheduler, store=self.ours,  # type: ignore[arg-type]
+                                    metrics=Metrics(), spawn=asyncio.ensure_future)
+        self.end = _Worker(1, None, self.main_reader, self.main_writer, 0.0)  # type: ignore[arg-type]
+        return self
+
+    async def hear_one(self) -> list[Any]:
+        """The main process reads the worker's next line and acts on it."""
+        said = decode(await self.main_reader.readline())
+        self.intake._hear(self.end, said)
+        return said
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.main_writer.close()
+        await asyncio.gather(self.listening, return_exceptions=True)
+        self.writing.cancel()
+        await asyncio.gather(self.writing, return_exceptions=True)
+        self.worker.close()
+        self.ours.close()
+
+
+def test_a_workers_message_is_committed_by_the_main_process_and_scheduled_before_the_answer(
+        tmp_path: Path) -> None:
+    """The worker writes the spool file; the rows come from the main process's store, whose
+    scheduler has the copies by the time the worker hears "accepted" (then it sends its 250).
+    A message up to INLINE bytes travels along and is delivered from memory; a larger one is
+    read from the spool."""
     small, large = b"Subject: small\r\n\r\nhi\r\n", b"x" * (INLINE + 1)
 
-    async def main() -> tuple[list[list[Any]], bytes, bytes, list[str]]:
-        ours = SqliteStore(*paths, cache_bytes=8 << 20, cache_seconds=60)
-        ours.recover()
-        worker = SqliteStore(*paths, upgrade=False, cache_bytes=4 * INLINE, cache_seconds=60)
-        tasks = [asyncio.create_task(ours.run()), asyncio.create_task(worker.run())]
-        sent: list[bytes] = []
-
-        class Writer:
-            def is_closing(self) -> bool:
-                return False
-
-            def write(self, data: bytes) -> None:
-                sent.append(data)
-
-        try:
-            notifier = Notifier(Writer(), bytes_of=worker.take_cached)  # type: ignore[arg-type]
+    async def main() -> tuple[list[str], list[list[str]], list[str], bytes, bytes, list[tuple[str, int]]]:
+        async with Pair(tmp_path) as pair:
+            said: list[list[Any]] = []
+            seen_at_answer: list[list[str]] = []
+            made: list[Copy] = []
             for queue_id, data in (("SMALL", small), ("LARGE", large)):
-                copies = await worker.accept(Message(queue_id, "a@b.example", 5.0, "", 3, "c"), data,
-                                             [NewCopy("ituki@example.com", "t@pc.example.net", False)],
-                                             [Event(5.0, queue_id, None, "accepted", "ituki@example.com", "")])
-                notifier.accepted(copies)
-            scheduler = SubmittingScheduler()
-            intake = IntakeWorkers(config, scheduler=scheduler, store=ours, metrics=Metrics(),  # type: ignore[arg-type]
-                                   spawn=asyncio.ensure_future)
-            messages = [decode(line) for line in sent]
-            for message in messages:
-                intake._hear(None, message)  # type: ignore[arg-type]
+                accepting = asyncio.ensure_future(pair.worker.accept(*_args(queue_id, data)))
+                said.append(await pair.hear_one())
+                made += await accepting
+                seen_at_answer.append([c.queue_id for c in pair.scheduler.submitted])
+            files = sorted(p.name for p in (tmp_path / "spool").iterdir() if p.is_file())
             for path in (tmp_path / "spool").iterdir():
                 if path.is_file():
                     path.unlink()  # what is read now can only come from memory
-            got_small = await ours.read("SMALL")
+            got_small = await pair.ours.read("SMALL")
             try:
-                got_large = await ours.read("LARGE")
+                got_large = await pair.ours.read("LARGE")
             except FileNotFoundError:
                 got_large = b"<read from the spool, which is gone>"
-            return messages, got_small, got_large, [c.queue_id for c in scheduler.submitted]
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            worker.close()
-            ours.close()
+            rows = sqlite3.connect(pair.paths[0]).execute(
+                "SELECT queue_id, count(*) FROM copies GROUP BY queue_id ORDER BY queue_id").fetchall()
+            assert [c.id for c in made] == [c.id for c in pair.scheduler.submitted]
+            return [m[0] for m in said], seen_at_answer, files, got_small, got_large, rows
 
-    messages, got_small, got_large, submitted = asyncio.run(main())
-    assert [m[0] for m in messages] == ["copies", "copies"]
-    assert messages[0][2] is not None and messages[1][2] is None  # the large one travels without
+    kinds, seen_at_answer, files, got_small, got_large, rows = asyncio.run(main())
+    assert kinds == ["accept", "accept"]
+    assert seen_at_answer == [["SMALL", "SMALL"], ["SMALL", "SMALL", "LARGE", "LARGE"]]
+    assert files == ["LARGE", "SMALL"]  # written by the worker
+    assert rows == [("LARGE", 2), ("SMALL", 2)]  # committed by the main process
     assert got_small == small
     assert got_large == b"<read from the spool, which is gone>"
-    assert submitted == ["SMALL", "LARGE"]
+
+
+def _args(queue_id: str, data: bytes) -> tuple[Message, bytes, list[NewCopy], list[Event]]:
+    message, copies, events = new_message(queue_id)
+    return message, data, copies, events
+
+
+def test_a_commit_the_main_process_refuses_is_an_error_and_leaves_no_file(tmp_path: Path) -> None:
+    async def main() -> tuple[str, list[str], list[Copy]]:
+        async with Pair(tmp_path) as pair:
+            async def full_disk(*args: Any) -> list[Copy]:
+                raise OSError(28, "No space left on device")
+
+            pair.ours.enter = full_disk  # type: ignore[method-assign]
+            accepting = asyncio.ensure_future(pair.worker.accept(*_args("Q1", b"x\r\n")))
+            await pair.hear_one()
+            with pytest.raises(CommitRefused) as refused:
+                await accepting
+            files = [p.name for p in (tmp_path / "spool").iterdir() if p.is_file()]
+            return str(refused.value), files, pair.scheduler.submitted
+
+    reason, files, submitted = asyncio.run(main())
+    assert "No space left on device" in reason
+    assert files == [] and submitted == []
+
+
+def test_a_main_process_gone_before_its_answer_leaves_the_file_for_the_next_start(tmp_path: Path) -> None:
+    """Whether it committed is unknown: the spool file stays (`recover` at the next start keeps
+    it only if its rows exist) and the session gets an error (451), not a 250."""
+    async def main() -> tuple[bool, list[str]]:
+        async with Pair(tmp_path) as pair:
+            accepting = asyncio.ensure_future(pair.worker.accept(*_args("Q1", b"x\r\n")))
+            decode(await pair.main_reader.readline())  # read, never answered
+            pair.main_writer.close()
+            with pytest.raises(ChannelClosed):
+                await accepting
+            with pytest.raises(ChannelClosed):  # and later ones fail at once, writing nothing
+                await pair.worker.accept(*_args("Q2", b"y\r\n"))
+            return isinstance(ChannelClosed(), OSError), sorted(
+                p.name for p in (tmp_path / "spool").iterdir() if p.is_file())
+
+    is_os_error, files = asyncio.run(main())
+    assert is_os_error  # the handler answers 451 for an OSError
+    assert files == ["Q1"]
+
+
+def test_a_late_bounces_own_message_is_finished_by_the_main_process_too(tmp_path: Path) -> None:
+    """`LateBounces` in a worker accepts the report and then finishes it (kept a while, never
+    delivered): both writes are the main process's, the worker's database is read-only."""
+    async def main() -> tuple[list[Any], list[Copy], tuple[int, float]]:
+        async with Pair(tmp_path) as pair:
+            message = Message("DSN1", "", 5.0, "", 3, "c")
+            event = Event(5.0, "DSN1", None, "accepted", "", "DSN to our SRS address")
+            accepting = asyncio.ensure_future(pair.worker.accept(message, b"report\r\n", [], [event]))
+            said = [await pair.hear_one()]
+            made = await accepting
+            finishing = asyncio.ensure_future(pair.worker.finish("DSN1", 99.0))
+            said.append(await pair.hear_one())
+            await finishing
+            row = sqlite3.connect(pair.paths[0]).execute(
+                "SELECT finished, keep_until FROM messages WHERE queue_id='DSN1'").fetchone()
+            with pytest.raises(sqlite3.OperationalError, match="readonly"):  # its own connection cannot write
+                await pair.worker.purge(100.0)
+            return [m[0] for m in said], made, row
+
+    kinds, made, row = asyncio.run(main())
+    assert kinds == ["accept", "finish"]
+    assert made == []
+    assert row == (1, 99.0)

@@ -8,9 +8,18 @@ from pathlib import Path
 
 import pytest
 
+from maildetour.mailbox import maildir
 from maildetour.mailbox.maildir import (
-    MaildirMessage, WireSizeCounter, deliver, list_messages, open_message, remove, uid_for,
-    wire_size)
+    MaildirMessage,
+    WireSizeCounter,
+    deliver,
+    deliver_many,
+    list_messages,
+    open_message,
+    remove,
+    uid_for,
+    wire_size,
+)
 
 
 def read(root: Path, message: MaildirMessage) -> bytes:
@@ -58,6 +67,49 @@ def test_deliver_fsyncs_the_file_and_the_new_directory(tmp_path: Path,
     monkeypatch.setattr(os, "fsync", spy)
     name = deliver(root, b"second\n")
     assert synced == [str(root / "tmp" / name), str(root / "new")]
+
+
+def test_a_group_fsyncs_each_file_and_each_new_directory_once(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """deliver_many: three messages, two Maildirs: three file fsyncs, then one per `new/`."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    deliver(a, b"warm\n")
+    deliver(b, b"warm\n")
+    monkeypatch.setattr(os, "fsync", spy)
+    names = deliver_many([(a, b"one\n"), (b, b"two\n"), (a, b"three\n")])
+    assert all(isinstance(n, str) for n in names)
+    files = [str(a / "tmp" / names[0]), str(b / "tmp" / names[1]), str(a / "tmp" / names[2])]  # type: ignore[operator]
+    assert synced == [*files, str(a / "new"), str(b / "new")]
+    assert [(a / "new" / names[0]).read_bytes(), (b / "new" / names[1]).read_bytes(),  # type: ignore[operator]
+            (a / "new" / names[2]).read_bytes()] == [b"one\n", b"two\n", b"three\n"]  # type: ignore[operator]
+
+
+def test_a_group_reports_each_messages_own_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One message that cannot be written fails alone; a `new/` whose fsync fails fails every
+    message renamed into it (none of them is durable), and only those."""
+    (tmp_path / "file").write_text("not a directory")
+    good, bad_dir = tmp_path / "good", tmp_path / "flaky"
+    results = deliver_many([(good, b"1\n"), (tmp_path / "file" / "box", b"2\n"), (good, b"3\n")])
+    assert isinstance(results[0], str) and isinstance(results[2], str) and isinstance(results[1], OSError)
+
+    real = maildir.fsync_dir
+
+    def failing(path: Path) -> None:
+        if path == bad_dir / "new":
+            raise OSError(5, "Input/output error")
+        real(path)
+
+    monkeypatch.setattr(maildir, "fsync_dir", failing)
+    results = deliver_many([(bad_dir, b"a\n"), (good, b"b\n"), (bad_dir, b"c\n")])
+    assert isinstance(results[0], OSError) and isinstance(results[2], OSError)
+    assert isinstance(results[1], str)
 
 
 def test_wire_size_counts_crlf_line_ends() -> None:
