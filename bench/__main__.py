@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--maildetour-src", type=Path,
                    help="run the maildetour package in this directory (e.g. an unpacked `git archive`)")
     p.add_argument("--keep", action="store_true", help="keep the systems' working directories")
+    p.add_argument("--gmail-chunking", choices=("on", "off"), default="on",
+                   help="the stand-in gmail offers CHUNKING/BDAT as Gmail does (default on; off: the old stand-in)")
     reliability.add_arguments(sub.add_parser(
         "reliability", help="load held, faults survived, memory, fuzz counts: reliability.json and .md"))
     return parser
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if not systems or any(s not in ("maildetour", "postfix") for s in systems):
         print("bench: --systems takes maildetour and/or postfix", file=sys.stderr)
         return 2
-    changes: dict[str, object] = {"systems": systems, "keep": args.keep}
+    changes: dict[str, object] = {"systems": systems, "keep": args.keep,
+                                  "gmail_chunking": args.gmail_chunking == "on"}
     if args.rounds is not None:
         changes["rounds"] = args.rounds
     if args.maildetour_src is not None:

@@ -6,7 +6,8 @@ PC and detour Maildirs' new/ with inotify and keeps counters and per-seq futures
 is read from the file's `X-Bench-Seq:` header, only when someone waits for it).
 Both record the CLOCK_MONOTONIC time of the latest arrival, for end-to-end throughput.
 `Sink(signatures=True)` also counts, per verdict, the messages that carried a DKIM-Signature
-and the signatures themselves (the DKIM variant's proof that signing happened).
+and the signatures themselves (the DKIM variant's proof that signing happened);
+`Sink(chunking=False)` runs the stand-in without CHUNKING (`--no-chunking`).
 
 Contract: the sink child is stopped by closing its stdin, then SIGTERM/SIGKILL by PID.
 Exposure: bench-only. Failure: `wait_*` raise TimeoutError naming what was missing.
@@ -26,10 +27,11 @@ from bench.watch import MaildirWatch
 
 
 class Sink:
-    def __init__(self, host: str = "127.0.0.2", *, signatures: bool = False) -> None:
+    def __init__(self, host: str = "127.0.0.2", *, signatures: bool = False, chunking: bool = True) -> None:
         self.host = host
         self.port = free_port(host)
         self.signatures = signatures
+        self.chunking = chunking
         self.counts: Counter[str] = Counter()
         self.signed: Counter[str] = Counter()  # per verdict: messages with a DKIM-Signature
         self.signature_fields = 0  # DKIM-Signature fields on accepted messages
@@ -42,7 +44,7 @@ class Sink:
     async def start(self) -> None:
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.sink", "--host", self.host, "--port", str(self.port),
-            *(["--signatures"] if self.signatures else []),
+            *(["--signatures"] if self.signatures else []), *([] if self.chunking else ["--no-chunking"]),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, preexec_fn=die_with_parent)
         assert self._proc.stdout is not None
         first = await asyncio.wait_for(self._proc.stdout.readline(), 15)

@@ -6,7 +6,8 @@ restart with Postfix's `max_idle = 1s` for the idle latencies, (maildetour) a re
 detour into IMAP, and a restart with DKIM signing on (maildetour `[signing]`; the recipe's MTA1
 with OpenDKIM) for one more 0 %-refused throughput run, valid only if every copy the stand-in
 accepted carried a DKIM-Signature and the kept ones verify (dkimpy and OpenDKIM, with the
-run's public key; `bench.dkim_check`). It writes `out/results.json`
+run's public key; `bench.dkim_check`). The stand-in gmail offers CHUNKING as Gmail does unless
+`plan.gmail_chunking` is false (`--gmail-chunking off`). It writes `out/results.json`
 (every sample) and `out/results.md` (the tables) and returns the JSON-able dict.
 
 Contract: loopback only; every process is stopped before `run` returns or raises; working
@@ -59,6 +60,7 @@ class Plan:
     memory_size: int = 1024
     keep: bool = False
     maildetour_src: str | None = None  # run the maildetour package found in this directory
+    gmail_chunking: bool = True  # the stand-in gmail offers CHUNKING (BDAT), as Gmail's MX does
 
 
 # The hidden destination's detour in the IMAP run: the IMAP step first, the POP box after it.
@@ -121,7 +123,7 @@ async def _signed_throughput(system: Any, sink: Sink, boxes: Boxes, plan: Plan, 
 
 
 async def measure(kind: str, rnd: int, plan: Plan, work: Path) -> dict[str, Any]:
-    sink = Sink(signatures=True)
+    sink = Sink(signatures=True, chunking=plan.gmail_chunking)
     await sink.start()
     tag = f"{kind}-r{rnd}"
     try:

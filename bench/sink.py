@@ -1,18 +1,22 @@
 """The stand-in "gmail": an aiosmtpd server that accepts, refuses a share, or answers 4xx.
 
 What it does: `python3 -m bench.sink --port P [--host H] [--refuse-share X] [--tempfail]
-[--signatures]` listens on H:P (default 127.0.0.2: a loopback address of its own, as Gmail is a
+[--signatures] [--no-chunking]` listens on H:P (default 127.0.0.2: a loopback address of its own, as Gmail is a
 host of its own), prints `ready` once it listens, then one line per finished transaction on
 stdout: `<CLOCK_MONOTONIC ns> <seq> <A|R|T>` (accepted, refused, temporary failure), where <seq>
 is the message's `X-Bench-Seq:` header or `-`; with `--signatures`, a fourth field: how many
 DKIM-Signature fields the message's header holds (0 for a 4xx at RCPT). The time is taken when
-the end of DATA is received, before the reply is sent (for 4xx at RCPT: when RCPT arrives).
+the end of DATA (or the last BDAT chunk) is received, before the reply is sent (for 4xx at RCPT: when RCPT arrives).
 A message carrying `X-Bench-Refuse: yes` is always refused; otherwise every message whose
 running count k satisfies floor(k * share) > floor((k - 1) * share) is refused (an exact,
 evenly spread share).
-It advertises PIPELINING and ENHANCEDSTATUSCODES in EHLO, as Gmail's MX does (clients that
-pipeline save round trips here as they would there).
-Refusals are `552 5.7.0` at end of DATA, as Gmail refuses content; `--tempfail` answers every
+It advertises PIPELINING, ENHANCEDSTATUSCODES and CHUNKING in EHLO, as Gmail's MX does (clients
+that pipeline or send BDAT save round trips here as they would there): BDAT (RFC 3030, which
+aiosmtpd 1.4.6 lacks) is `ChunkingSMTP`'s; the message of the LAST chunk is judged, time-stamped
+and answered as the end of DATA is; a BDAT without MAIL and an accepted RCPT has its chunk read
+and discarded, then 503. `--no-chunking` leaves CHUNKING out (BDAT is then an unknown command):
+the stand-in as it was before.
+Refusals are `552 5.7.0` at end of DATA (or BDAT LAST), as Gmail refuses content; `--tempfail` answers every
 RCPT with `451 4.7.0` (a downstream that is away). Nothing is stored but what `keep` asks.
 Control on stdin, one command a line, each answered `ok` on stdout: `share X`, `tempfail 1|0`
 (so the bench changes behaviour without a restart that would break pooled connections), and
@@ -34,13 +38,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, Envelope
 
 REFUSE_MARK = b"\nx-bench-refuse: yes"
 SEQ_MARK = b"\nx-bench-seq: "
 REFUSAL = "552 5.7.0 Message refused by the stand-in gmail (bench)"
 TEMPFAIL = "451 4.7.0 Try again later (bench stand-in is away)"
 HEADER_SCAN = 4096  # the bench headers sit at the top; don't scan 5 KB bodies
+NO_TRANSACTION = "503 5.5.1 Error: need MAIL and RCPT command"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +53,7 @@ class SinkSettings:
     refuse_share: float = 0.0
     tempfail: bool = False
     signatures: bool = False  # report the DKIM-Signature count of each message (4th field)
+    chunking: bool = True  # offer CHUNKING (BDAT), as Gmail's MX does
 
 
 def dkim_signatures(data: bytes) -> int:
@@ -99,7 +105,8 @@ class StandInGmail:
     async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
                           responses: list[str]) -> list[str]:
         session.host_name = hostname  # aiosmtpd leaves this to a handle_EHLO hook
-        return responses[:1] + ["250-PIPELINING", "250-ENHANCEDSTATUSCODES"] + responses[1:]
+        chunking = ["250-CHUNKING"] if self.settings.chunking else []
+        return responses[:1] + ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", *chunking] + responses[1:]
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
                           rcpt_options: list[str]) -> str:
@@ -121,6 +128,40 @@ class StandInGmail:
         self._note(stamp, seq, "A", data)
         self._keep(data)
         return "250 2.0.0 OK stand-in gmail accepted"
+
+
+class ChunkingSMTP(SMTP):
+    """aiosmtpd's server with BDAT (RFC 3030): chunks gather in the envelope's content; the LAST
+    one goes to the handler's `handle_DATA`, as the end of DATA does."""
+
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        words = (arg or "").split()
+        if not 1 <= len(words) <= 2 or not words[0].isdigit() or [w.upper() for w in words[1:]] not in ([], ["LAST"]):
+            await self.push("501 5.5.4 Syntax: BDAT <size> [LAST]")  # no size known: nothing to skip
+            return
+        size, last = int(words[0]), len(words) == 2
+        try:
+            chunk = await self._reader.readexactly(size)
+        except asyncio.IncompleteReadError:
+            self._writer.close()
+            return
+        envelope: Envelope | None = self.envelope
+        if envelope is None or envelope.mail_from is None or not envelope.rcpt_tos:
+            await self.push(NO_TRANSACTION)  # RFC 3030 2: the chunk is read, then refused
+            return
+        content = (envelope.original_content or b"") + chunk
+        envelope.original_content = envelope.content = content
+        limit = self.data_size_limit
+        if limit and len(content) > limit:
+            self._set_post_data_state()
+            await self.push("552 5.3.4 Error: Too much mail data")
+            return
+        if not last:
+            await self.push(f"250 2.0.0 {size} octets received")
+            return
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status if isinstance(status, str) else "250 OK")
 
 
 def control(handler: StandInGmail, line: str) -> None:
@@ -152,8 +193,9 @@ async def serve(host: str, port: int, settings: SinkSettings) -> None:
     loop = asyncio.get_running_loop()
     handler = StandInGmail(settings, sys.stdout)
     commands = asyncio.create_task(_read_commands(handler))
+    kind = ChunkingSMTP if settings.chunking else SMTP
     server = await loop.create_server(
-        lambda: SMTP(handler, hostname="mx.gmail.standin", ident="ESMTP", decode_data=False),
+        lambda: kind(handler, hostname="mx.gmail.standin", ident="ESMTP", decode_data=False),
         host=host, port=port, backlog=256)
     print("ready", flush=True)
     async with server:
@@ -169,11 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tempfail", action="store_true")
     parser.add_argument("--signatures", action="store_true",
                         help="add each message's DKIM-Signature count to its line")
+    parser.add_argument("--no-chunking", action="store_true",
+                        help="do not offer CHUNKING (BDAT): the stand-in without it")
     args = parser.parse_args(argv)
     try:
         if not args.host.startswith("127."):
             parser.error("the stand-in listens on loopback only")
-        asyncio.run(serve(args.host, args.port, SinkSettings(args.refuse_share, args.tempfail, args.signatures)))
+        asyncio.run(serve(args.host, args.port, SinkSettings(args.refuse_share, args.tempfail, args.signatures,
+                                                                 not args.no_chunking)))
     except KeyboardInterrupt:
         pass
     return 0

@@ -188,14 +188,15 @@ class Connection(Protocol):
 async def carry(connection: Connection, transaction: Transaction, *, command_timeout: float,
                 data_timeout: float) -> tuple[Finished, bool]:
     """Run `transaction` on the connection: its bytes out (`Exchange.send`), its replies in, each
-    within `command_timeout`, or `data_timeout` for the replies to DATA and to the message. The
-    final step, and whether the exchange ended idle (nothing owed, nothing unread, no error)."""
+    within `command_timeout`, or `data_timeout` for the replies to DATA and to the message
+    (BDAT LAST's too). The final step, and whether the exchange ended idle (nothing owed,
+    nothing unread, no error)."""
     with borrow(connection.smtp) as exchange:
         step: Step = transaction.start()
         while not isinstance(step, Finished):
             if isinstance(step, Send):
                 await exchange.send(step.data, step.replies, command_timeout)
-            slow = transaction.waiting in (Stage.DATA, Stage.MESSAGE, Stage.EMPTY)
+            slow = transaction.waiting in (Stage.DATA, Stage.MESSAGE, Stage.EMPTY, Stage.BDAT)
             reply = await exchange.reply(data_timeout if slow else command_timeout)
             connection.unchecked = False
             step = transaction.receive(reply)

@@ -9,12 +9,14 @@ network trouble. Behaviour: the TLS the next hop must give comes from `tls_polic
 then MTA-STS, whose `enforce` also limits the MX hosts); next hops from `NextHopResolver` are
 tried in order until one greets us (connection, greeting, EHLO and STARTTLS are
 `smtp_pool`'s); then one transaction:
-MAIL, one RCPT per recipient (each its own outcome), DATA (its reply applies to every accepted
-recipient) — in one write when the next hop offers PIPELINING (RFC 2920), else one command per
-reply; the rules are `smtp_pipeline`'s (pure), the bytes go through `smtp_exchange` on the
-session's connection. A session reused without RSET that the server closed meanwhile is tried
-once more on a fresh connection (only when no reply at all came, so nothing can have been sent
-twice).
+MAIL, one RCPT per recipient (each its own outcome), DATA and the message, or BDAT LAST with
+it when the next hop offers CHUNKING (RFC 3030; the reply applies to every accepted
+recipient) — in one write when the next hop offers PIPELINING (RFC 2920; a RSET ahead of MAIL
+when the reused session is not clean), else one command per reply; the rules are
+`smtp_pipeline`'s (pure), the bytes go through `smtp_exchange` on the session's connection.
+8BITMIME is used, BINARYMIME never. A session reused without a lock-step RSET that the server
+closed meanwhile is tried once more on a fresh connection (only when no reply at all came, so
+nothing can have been sent twice).
 """
 
 from __future__ import annotations
@@ -174,8 +176,8 @@ class SmtpAgent:
             lease.checkin(session, reusable)
 
     async def _transaction(self, session: Session, job: Job, results: dict[str, Outcome]) -> bool:
-        """MAIL, RCPT each, DATA (pipelined when offered), the message. Fills `results`; returns
-        whether the session can be reused."""
+        """MAIL, RCPT each, DATA and the message or BDAT LAST with it (pipelined when offered).
+        Fills `results`; returns whether the session can be reused."""
         smtp = session.smtp
         session.clean = False
         ext = smtp.esmtp_extensions
@@ -185,7 +187,9 @@ class SmtpAgent:
             results.update((r, refusal) for r in job.recipients)
             return True
         transaction = Transaction(job.mail_from, job.recipients, plan.options, data=job.data, utf8=plan.utf8,
-                                  pipelining="pipelining" in ext)
+                                  pipelining="pipelining" in ext, chunking="chunking" in ext,
+                                  reset=session.reset_first)
+        session.reset_first = False
         step, idle = await carry(session, transaction, command_timeout=self._command_timeout,
                                  data_timeout=self._data_timeout)
         reusable = idle and not step.closing

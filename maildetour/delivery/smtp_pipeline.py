@@ -1,5 +1,5 @@
-"""One outbound SMTP or LMTP mail transaction (RFC 5321; RFC 2920 PIPELINING; RFC 2033 LMTP)
-as a state machine.
+"""One outbound SMTP or LMTP mail transaction (RFC 5321; RFC 2920 PIPELINING; RFC 3030
+CHUNKING; RFC 2033 LMTP) as a state machine.
 
 Sans-I/O, in h11's style: the server's bytes go into `ReplyParser.feed`, which returns the
 complete replies they finish, in order, however the bytes were split across reads (one reply
@@ -21,6 +21,18 @@ decided, and no further reply is awaited. The message goes only after a 354, wit
 endings made CRLF and dot-stuffed (RFC 5321 4.5.2), exactly as aiosmtplib's `data` sent it.
 `Finished.clean` is true only after the reply to the end of a message: the server has reset
 its transaction (RFC 5321 4.1.1.4), so the next one needs no RSET.
+
+CHUNKING (RFC 3030, `chunking=True`, SMTP only) sends the message as one chunk instead:
+"BDAT <size> LAST" and the message with its line endings made CRLF (and a final one), not
+dot-stuffed, no terminating ".". With PIPELINING it goes in the same write as MAIL and the
+RCPTs when it is at most EAGER_BDAT bytes: one round trip for the whole transaction; a larger
+one waits for the RCPT replies and goes only if MAIL and a recipient were accepted. Without
+PIPELINING it follows the RCPTs in lock-step. The reply to BDAT LAST decides the accepted
+recipients; when MAIL was refused or no recipient accepted, the server discards the chunk and
+answers 503/554 (3030 2), a reply read and ignored. `clean` only after a 2xx to BDAT LAST
+(3030 does not say plainly that a refused BDAT LAST resets the transaction). `reset=True`
+(PIPELINING only) puts "RSET" before MAIL in the first write, its reply read and ignored (a
+failed RSET shows in MAIL's reply): a reused session that is not clean costs no round trip.
 
 LMTP (RFC 2033, `lmtp=True`) is the same transaction with one difference after the final
 ".": one reply per accepted recipient, in the order of their RCPTs (4.2), each deciding its
@@ -60,6 +72,10 @@ _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 _WIRE_UNSAFE = re.compile(r"[\x00-\x20\x7f<>]")
 _ACCEPTED_RCPT = (250, 251)
 _CLOSING = 421
+# With PIPELINING, a message up to this size goes in the first write with MAIL and the RCPTs
+# (BDAT LAST): the bytes wasted when every recipient is refused are bounded by it, and it
+# spares a round trip for nearly all mail (a larger one waits for the RCPT replies).
+EAGER_BDAT = 1 << 20
 
 
 class MalformedReply(Exception):
@@ -131,13 +147,23 @@ def sendable(address: str) -> bool:
     return not _WIRE_UNSAFE.search(address)
 
 
+def crlf_lines(data: bytes) -> bytes:
+    """The message with CRLF line endings, and a final one: what goes in a BDAT chunk, and
+    what `message_bytes` dot-stuffs. A message whose every line already ends in CRLF (what our
+    SMTP intake stores) is passed as it is: three counts instead of a regular expression."""
+    crlf = data.count(b"\r\n")
+    if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
+        data = _LINE_ENDINGS.sub(b"\r\n", data)
+    return data if data.endswith(b"\r\n") else data + b"\r\n"
+
+
 def message_bytes(data: bytes) -> bytes:
     """What follows a 354: the message with CRLF line endings (and a final one), every line
     that starts with "." given another (RFC 5321 4.5.2), and the terminating ".\\r\\n"."""
-    data = _LINE_ENDINGS.sub(b"\r\n", data)
-    if not data.endswith(b"\r\n"):
-        data += b"\r\n"
-    return _LEADING_DOT.sub(b"..", data) + b".\r\n"
+    data = crlf_lines(data)
+    if data.startswith(b".") or b"\n." in data:
+        data = _LEADING_DOT.sub(b"..", data)
+    return data + b".\r\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,9 +215,11 @@ def parameters(extensions: Mapping[str, str], mail_from: str, recipients: Sequen
 class Stage(enum.Enum):
     """What a reply answers."""
 
+    RSET = "RSET"  # pipelined before MAIL (`reset`): its code is ignored
     MAIL = "MAIL"
     RCPT = "RCPT"
     DATA = "DATA"
+    BDAT = "BDAT LAST"  # CHUNKING: the message in one chunk (RFC 3030)
     MESSAGE = "end of message"  # LMTP: one such reply per accepted recipient
     EMPTY = "empty message"  # the "." sent alone after a 354 nobody wanted (RFC 2920 3.1)
 
@@ -213,7 +241,7 @@ NEED_REPLY = NeedReply()
 @dataclass(frozen=True, slots=True)
 class Finished:
     replies: Mapping[str, Reply]  # every recipient -> the reply that decides its copy
-    clean: bool  # a reply to the end of a message came: the server reset its state
+    clean: bool  # a final reply to the end of a message (2xx to BDAT LAST) came: the server reset its state
     closing: bool  # the server said 421 (or owes replies it will not send): do not reuse
 
 
@@ -221,16 +249,20 @@ Step = Send | NeedReply | Finished
 
 
 class Transaction:
-    """MAIL, RCPT each, DATA, the message: one transaction's commands and replies (LMTP's
-    with `lmtp`: a reply per accepted recipient after the message)."""
+    """MAIL, RCPT each, DATA, the message (or BDAT LAST with it, `chunking`): one transaction's
+    commands and replies (LMTP's with `lmtp`: a reply per accepted recipient after the
+    message); `reset` pipelines a RSET before MAIL."""
 
-    __slots__ = ("_mail", "_recipients", "_rcpt_lines", "_data", "_pipelining", "_lmtp", "_owed",
-                 "_next_rcpt", "_mail_refused", "_accepted", "_replies", "_finished")
+    __slots__ = ("_mail", "_recipients", "_rcpt_lines", "_data", "_pipelining", "_lmtp", "_chunking",
+                 "_reset", "_owed", "_next_rcpt", "_mail_refused", "_accepted", "_replies", "_finished")
 
     def __init__(self, mail_from: str, recipients: Sequence[str], options: Sequence[str], *,
-                 data: bytes, utf8: bool, pipelining: bool, lmtp: bool = False) -> None:
+                 data: bytes, utf8: bool, pipelining: bool, lmtp: bool = False, chunking: bool = False,
+                 reset: bool = False) -> None:
         if not recipients:
             raise ValueError("a transaction needs at least one recipient")
+        if reset and not pipelining:
+            raise ValueError("RSET goes ahead of MAIL only with PIPELINING")
         encoding = "utf-8" if utf8 else "ascii"
         self._mail = command(b"MAIL", b"FROM:<" + mail_from.encode(encoding) + b">",
                              *(o.encode("ascii") for o in options))
@@ -239,6 +271,8 @@ class Transaction:
         self._data = data
         self._pipelining = pipelining
         self._lmtp = lmtp
+        self._chunking = chunking and not lmtp
+        self._reset = reset
         # Replies still to come: (stage, index): a RCPT's index in the recipients; after an LMTP
         # message, the index of an accepted recipient.
         self._owed: deque[tuple[Stage, int]] = deque()
@@ -260,16 +294,26 @@ class Transaction:
         return self._owed[0][0] if self._owed else None
 
     def start(self) -> Send:
-        """The first write: MAIL (with PIPELINING: MAIL, every RCPT and DATA)."""
+        """The first write: MAIL (with PIPELINING: [RSET,] MAIL, every RCPT and DATA, or
+        BDAT LAST and the message when it is at most EAGER_BDAT bytes)."""
         if self._owed or self._finished is not None:
             raise RuntimeError("the transaction has already started")
-        self._owed.append((Stage.MAIL, -1))
         if not self._pipelining:
+            self._owed.append((Stage.MAIL, -1))
             return Send(self._mail, 1)
+        parts = [b"RSET\r\n"] if self._reset else []
+        self._owed.extend([(Stage.RSET, -1)] if self._reset else [])
+        self._owed.append((Stage.MAIL, -1))
         self._owed.extend((Stage.RCPT, i) for i in range(len(self._recipients)))
-        self._owed.append((Stage.DATA, -1))
+        parts += (self._mail, *self._rcpt_lines)
         self._next_rcpt = len(self._recipients)
-        return Send(b"".join((self._mail, *self._rcpt_lines, b"DATA\r\n")), len(self._owed))
+        if not self._chunking:
+            self._owed.append((Stage.DATA, -1))
+            parts.append(b"DATA\r\n")
+        elif len(chunk := crlf_lines(self._data)) <= EAGER_BDAT:
+            self._owed.append((Stage.BDAT, -1))
+            parts += (b"BDAT %d LAST\r\n" % len(chunk), chunk)
+        return Send(b"".join(parts), len(self._owed))
 
     def receive(self, reply: Reply) -> Step:
         """Take the next reply; say what to do next."""
@@ -279,6 +323,8 @@ class Transaction:
         if reply.code == _CLOSING:
             return self._finish(clean=False, closing=True, rest=reply)
         match stage:
+            case Stage.RSET:
+                return NEED_REPLY  # MAIL's reply follows
             case Stage.MAIL:
                 if reply.code != 250:
                     self._mail_refused = True
@@ -295,6 +341,11 @@ class Transaction:
                 return self._next_command()
             case Stage.DATA:
                 return self._after_data_reply(reply)
+            case Stage.BDAT if self._accepted and not self._mail_refused:
+                self._replies.update((r, reply) for r in self._accepted)
+                return self._finish(clean=200 <= reply.code < 300)
+            case Stage.BDAT:  # the server discarded the chunk (RFC 3030 2): decided by MAIL/RCPT
+                return self._finish(clean=False)
             case Stage.MESSAGE if self._lmtp:
                 self._replies[self._accepted[index]] = reply
                 return NEED_REPLY if self._owed else self._finish(clean=True)
@@ -314,8 +365,12 @@ class Transaction:
             self._owed.append((Stage.RCPT, self._next_rcpt))
             self._next_rcpt += 1
             return Send(self._rcpt_lines[self._next_rcpt - 1], 1)
-        if not self._accepted:
+        if not self._accepted or self._mail_refused:
             return self._finish(clean=False)  # the transaction stays open: RSET before reuse
+        if self._chunking:
+            self._owed.append((Stage.BDAT, -1))
+            chunk = crlf_lines(self._data)
+            return Send(b"BDAT %d LAST\r\n" % len(chunk) + chunk, 1)
         self._owed.append((Stage.DATA, -1))
         return Send(b"DATA\r\n", 1)
 

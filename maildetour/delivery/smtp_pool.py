@@ -2,14 +2,16 @@
 
 Internal; talks to remote (untrusted) servers. `SmtpPool.slot(hop)` holds one of the host's
 `max_per_host` slots for one transaction; inside it `checkout` hands out an idle session of
-that host (without RSET when its last transaction ended with a final reply to DATA, else
-after a RSET that worked) or opens a new one, and `checkin` keeps a reusable session idle for
-`idle_timeout` (closed then, or on any error, or on `close()`). Sessions are kept per host and
-TLS mode (`delivery.tls_policy`): "none" never starts TLS; "opportunistic" uses STARTTLS when
-offered, unverified, and falls back to plain text once if it fails (one place: `open`);
-"required" must get STARTTLS and does not check the certificate; "verify" must get STARTTLS and
-a certificate valid for the host's name (the MX or relay name) against `verify_context`.
-Without the TLS its mode asks for, a session is a temporary failure, never a downgrade.
+that host (as it is when its last transaction ended with a final reply to the message; else,
+when the server offers PIPELINING, marked `reset_first` so the transaction pipelines a RSET
+ahead of MAIL, and otherwise after a lock-step RSET that worked) or opens a new one, and
+`checkin` keeps a reusable session idle for `idle_timeout` (closed then, or on any error, or
+on `close()`). Sessions are kept per host and TLS mode (`delivery.tls_policy`): "none" never
+starts TLS; "opportunistic" uses STARTTLS when offered, unverified, and falls back to plain
+text once if it fails (one place: `open`); "required" must get STARTTLS and does not check the
+certificate; "verify" must get STARTTLS and a certificate valid for the host's name (the MX or
+relay name) against `verify_context`. Without the TLS its mode asks for, a session is a
+temporary failure, never a downgrade.
 Failure: never raises for remote or network trouble; `checkout`/`open` return an `Outcome`
 instead of a session (`smtp_errors`).
 """
@@ -50,16 +52,18 @@ _Key = tuple[str, int, str, TlsMode]
 class Session:
     """One open, greeted SMTP connection (a resource, not a value)."""
 
-    __slots__ = ("smtp", "hop", "timer", "clean", "unchecked")
+    __slots__ = ("smtp", "hop", "timer", "clean", "unchecked", "reset_first")
 
     def __init__(self, smtp: SMTP, hop: HostPort) -> None:
         self.smtp = smtp
         self.hop = hop
         self.timer: asyncio.TimerHandle | None = None
-        # After a final reply to DATA the server has reset its state (RFC 5321 4.1.1.4), so
-        # the next transaction needs no RSET: one round trip less per reused session.
+        # After a final reply to the message (end of DATA, or a 2xx to BDAT LAST) the server has
+        # reset its state (RFC 5321 4.1.1.4), so the next transaction needs no RSET: one round
+        # trip less per reused session.
         self.clean = False
         self.unchecked = False  # reused without RSET: a first-command disconnect is retried
+        self.reset_first = False  # not clean, PIPELINING: RSET goes in the transaction's first write
 
     def cancel_timer(self) -> None:
         if self.timer is not None:
@@ -95,12 +99,15 @@ class Lease:
         self._owner, self._key, self._pool, self.hop, self.mode = owner, key, pool, hop, mode
 
     async def checkout(self) -> Session | Outcome:
-        """An idle session that is clean or answers RSET, or a new one, or why there is none."""
+        """An idle session that is clean, or is to pipeline a RSET (`reset_first`), or answers
+        RSET; or a new one; or why there is none."""
         pool = self._pool
         while pool.idle:
             session = pool.idle.pop()
             session.cancel_timer()
-            if session.smtp.is_connected and session.clean:
+            session.reset_first = False
+            if session.smtp.is_connected and (session.clean or session.smtp.supports_extension("pipelining")):
+                session.reset_first = not session.clean
                 session.unchecked = True
                 return session
             if session.smtp.is_connected:

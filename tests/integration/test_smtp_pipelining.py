@@ -1,9 +1,12 @@
-"""Outbound PIPELINING (RFC 2920, issue 13) against real servers on loopback: aiosmtpd sinks
-that advertise it, scripted servers (replies held until DATA and sent in one write, replies one
-byte at a time, a 354 nobody should get, 421, bytes that are not replies, a server that checks
-lock-step), and real Postfix instances with and without PIPELINING that disconnect a client
-sending anything after DATA before their 354 (`smtpd_forbid_unauth_pipelining`; Postfix 3.7
-does not check lock-step when PIPELINING is not offered: the scripted server does).
+"""Outbound PIPELINING (RFC 2920) and CHUNKING (RFC 3030, BDAT; issue 13) against real servers
+on loopback: aiosmtpd sinks that advertise PIPELINING, scripted servers (replies held until
+DATA and sent in one write, replies one byte at a time, a 354 nobody should get, 421, bytes
+that are not replies, a server that checks lock-step), the bench's stand-in gmail (PIPELINING
+and CHUNKING, as Gmail's MX), and real Postfix instances (CHUNKING offered by default) with and
+without PIPELINING that disconnect a client sending anything after DATA before their 354
+(`smtpd_forbid_unauth_pipelining`; Postfix 3.7 does not check lock-step when PIPELINING is not
+offered: the scripted server does). Postfix's disconnect log line counts the commands
+("bdat=1", "data=1"): that shows which way the message went.
 
 The outcomes expected are those of the lock-step tests in `test_smtp_out.py`.
 """
@@ -11,8 +14,11 @@ The outcomes expected are those of the lock-step tests in `test_smtp_out.py`.
 from __future__ import annotations
 
 import asyncio
+import io
+import re
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +26,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from bench.sink import ChunkingSMTP, SinkSettings, StandInGmail
 from maildetour.core.outcome import Delivered, Outcome, PermanentFailure, TemporaryFailure
 from maildetour.delivery.smtp_out import SmtpAgent
 from tests.harness import EICAR
@@ -405,3 +412,146 @@ def test_postfix_without_pipelining_gets_lock_step(tmp_path: Path) -> None:
         [message] = peer.wait_messages("known@gmail.com", 1)
     assert isinstance(results["known@gmail.com"], Delivered) and results["nobody@gmail.com"].code == 550
     assert b"..two dots" in message
+
+
+def commands_used(peer: PostfixPeer, since: int, sessions: int = 1) -> list[str]:
+    """The command counts ("ehlo=1 mail=1 rcpt=1 bdat=1 quit=1") of the sessions that ended
+    after log offset `since` (waits for `sessions` of them)."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = [used for used in re.findall(r"disconnect from \S+ (.*commands=\S+)", peer.log()[since:])
+                 if used != "commands=0/0"]  # running_postfix's probe of the port
+        if len(found) >= sessions or time.monotonic() > deadline:
+            return found
+
+
+# A lone "." line, a leading dot, 8-bit text and LF-only line ends: what DATA would stuff and
+# normalise; BDAT carries it as one chunk, CRLF and nothing else.
+ODD = ("From: a@example.com\nTo: known@gmail.com\nSubject: chunk\nDate: Fri, 27 Nov 2026 20:00:00 +0000\n"
+       "Message-ID: <chunk@example.com>\n\n"
+       "one\n.\n.leading dot\n..two\nnaïve\nend").encode()
+
+
+# Over EAGER_BDAT (1 MiB): BDAT goes after the RCPT replies.
+BIG = ODD + b"\n" + (b"y" * 76 + b"\n") * 30_000 + b"last"
+
+
+@pytest.mark.parametrize("data", [ODD, BIG], ids=["eager", "after-rcpt"])
+def test_postfix_takes_the_message_by_bdat_byte_exact(postfix: PostfixPeer, data: bytes) -> None:
+    since, before = len(postfix.log()), len(postfix.messages("known@gmail.com"))
+    [results] = to_postfix(postfix, job("known@gmail.com", data=data, queue_id="Q-bdat"))
+    assert isinstance(results["known@gmail.com"], Delivered), results
+    [used] = commands_used(postfix, since)
+    assert "bdat=1" in used and "data=" not in used and "rset=" not in used, used
+    arrived = postfix.wait_messages("known@gmail.com", before + 1)[-1]
+    head, _, rest = arrived.partition(b"\nFrom: a@example.com\n")
+    assert b"From: a@example.com\n" + rest == data + b"\n"  # Maildir keeps LF; below the Received line byte-exact
+    assert all(line.startswith((b"Return-Path:", b"X-Original-To:", b"Delivered-To:", b"Received:", b" ", b"\t"))
+               for line in head.split(b"\n")), head
+
+
+@pytest.mark.parametrize("discard", ["pipelining", "pipelining, chunking"])
+def test_postfix_without_pipelining_lock_step_bdat_or_data(tmp_path: Path, discard: str) -> None:
+    with running_postfix(tmp_path / "postfix", users=USERS,
+                         extra_main_cf={**STRICT, "smtpd_discard_ehlo_keywords": discard}) as peer:
+        first, second = to_postfix(peer, job("known@gmail.com", "nobody@gmail.com"),
+                                   job("known@gmail.com", data=ODD, queue_id="Q2"))
+        [used] = commands_used(peer, 0)
+        messages = peer.wait_messages("known@gmail.com", 2)
+    assert isinstance(first["known@gmail.com"], Delivered) and first["nobody@gmail.com"].code == 550
+    assert isinstance(second["known@gmail.com"], Delivered)
+    way = "data=2" if "chunking" in discard else "bdat=2"
+    assert way in used and "rset=" not in used, used
+    assert any(m.endswith(ODD + b"\n") for m in messages)
+
+
+# --- the bench's stand-in gmail ------------------------------------------------------------------
+@dataclass
+class Seen:
+    """What the stand-in saw on the wire."""
+
+    reads: list[bytes] = field(default_factory=list)  # every read after the greeting exchange
+    connections: int = 0
+
+
+class Recording(ChunkingSMTP):
+    """The stand-in's server, recording what it reads (it offers CHUNKING only when the
+    handler's settings say so, as with `--no-chunking`)."""
+
+    def __init__(self, seen: Seen, handler: StandInGmail, timeout: float = 300) -> None:
+        super().__init__(handler, hostname="mx.gmail.standin", ident="ESMTP", decode_data=False, timeout=timeout)
+        self.seen = seen
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.seen.connections += 1
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not data.upper().startswith((b"EHLO", b"QUIT")):
+            self.seen.reads.append(data)
+        super().data_received(data)
+
+
+def to_standin(chunking: bool, *jobs_: object, timeout: float = 300,
+               gap: float = 0.0) -> tuple[list[Mapping[str, Outcome]], Seen, str]:
+    """Deliver `jobs_` one after another (`gap` seconds apart) to the stand-in (idle `timeout`)."""
+    seen, out = Seen(), io.StringIO()
+    handler = StandInGmail(SinkSettings(chunking=chunking), out)
+
+    async def main() -> list[Mapping[str, Outcome]]:
+        server = await asyncio.get_running_loop().create_server(
+            lambda: Recording(seen, handler, timeout), host="127.0.0.1", port=0)
+        port = server.sockets[0].getsockname()[1]
+        agent = make_agent(hops(("127.0.0.1", port)), connection_idle_timeout=30.0)
+        try:
+            results = []
+            for j in jobs_:
+                results.append(await agent.deliver(j))  # type: ignore[arg-type]
+                await asyncio.sleep(gap)
+            return results
+        finally:
+            await agent.close()
+            server.close()
+            await server.wait_closed()
+
+    return asyncio.run(main()), seen, out.getvalue()
+
+
+REFUSED_MESSAGE = b"X-Bench-Refuse: yes\r\n" + MESSAGE
+
+
+def test_standin_refusal_at_bdat_last_then_the_next_message_after_a_pipelined_rset() -> None:
+    (refused, later), seen, lines = to_standin(True, job("a@dest.test", data=REFUSED_MESSAGE),
+                                               job("a@dest.test", queue_id="Q2"))
+    outcome = refused["a@dest.test"]
+    assert isinstance(outcome, PermanentFailure) and (outcome.code, outcome.status) == (552, "5.7.0"), outcome
+    assert isinstance(later["a@dest.test"], Delivered), later
+    assert [line.split()[2] for line in lines.splitlines()] == ["R", "A"]
+    assert seen.connections == 1
+    # Each transaction is one write: [RSET,] MAIL, RCPT, BDAT LAST and the message, undoubled.
+    envelope = b"MAIL FROM:<sender@example.com> SIZE=%d\r\nRCPT TO:<a@dest.test>\r\n"
+    assert seen.reads == [
+        envelope % len(REFUSED_MESSAGE) + b"BDAT %d LAST\r\n" % len(REFUSED_MESSAGE) + REFUSED_MESSAGE,
+        b"RSET\r\n" + envelope % len(MESSAGE) + b"BDAT %d LAST\r\n" % len(MESSAGE) + MESSAGE,
+    ]
+
+
+def test_standin_without_chunking_gets_data() -> None:
+    (refused, later), seen, lines = to_standin(False, job("a@dest.test", data=REFUSED_MESSAGE),
+                                               job("a@dest.test", queue_id="Q2"))
+    assert refused["a@dest.test"].code == 552 and isinstance(later["a@dest.test"], Delivered)
+    assert [line.split()[2] for line in lines.splitlines()] == ["R", "A"]
+    assert seen.connections == 1 and not any(b"BDAT" in r for r in seen.reads)
+    # After the final reply to DATA's message (a 552 too) the session is clean: no RSET.
+    assert [r.split(b" ")[0] for r in seen.reads] == [b"MAIL", b"X-Bench-Refuse:", b"MAIL", b"From:"]
+    assert all(r.endswith(b"DATA\r\n") for r in seen.reads[::2])
+
+
+def test_standin_closed_the_idle_session_before_the_pipelined_rset() -> None:
+    """A session not clean (refused at BDAT LAST), to be reused with a pipelined RSET, that the
+    server closed while idle: the next message goes on a fresh connection."""
+    (refused, later), seen, lines = to_standin(True, job("a@dest.test", data=REFUSED_MESSAGE),
+                                               job("a@dest.test", queue_id="Q2"), timeout=0.2, gap=0.6)
+    assert refused["a@dest.test"].code == 552 and isinstance(later["a@dest.test"], Delivered), later
+    assert [line.split()[2] for line in lines.splitlines()] == ["R", "A"]
+    assert seen.connections == 2

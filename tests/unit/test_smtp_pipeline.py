@@ -1,5 +1,5 @@
 """The outbound SMTP transaction as a state machine (issue 13): reply parsing and the rules of
-PIPELINING (RFC 2920) and lock-step, with plain values and no sockets."""
+PIPELINING (RFC 2920), CHUNKING (RFC 3030) and lock-step, with plain values and no sockets."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from maildetour.delivery.smtp_pipeline import (
+    EAGER_BDAT,
     MAX_LINE,
     MAX_REPLY,
     NEED_REPLY,
@@ -22,6 +23,7 @@ from maildetour.delivery.smtp_pipeline import (
     Stage,
     Transaction,
     command,
+    crlf_lines,
     message_bytes,
 )
 
@@ -270,3 +272,132 @@ def test_utf8_addresses_and_misuse() -> None:
     with pytest.raises(RuntimeError):
         transaction("a@d.test").receive(OK)  # nothing was sent, nothing is owed
     assert re.fullmatch(rb"[^\r\n]*\r\n", command(b"DATA"))
+
+
+# --- CHUNKING (RFC 3030): the message in one BDAT LAST chunk -----------------------------------
+REFUSED = Reply(552, "5.7.0 message refused")
+BAD_SEQUENCE = Reply(503, "5.5.1 no valid recipients")
+CHUNK = b"Subject: x\r\n\r\n.dot\r\n"  # DATA as it is: CRLF already, a leading dot NOT doubled
+
+
+def chunked(*recipients: str, pipelining: bool = True, data: bytes = DATA, reset: bool = False) -> Transaction:
+    return Transaction("s@x.test", recipients, ["SIZE=20"], data=data, utf8=False, pipelining=pipelining,
+                       chunking=True, reset=reset)
+
+
+def test_pipelined_mail_rcpts_and_bdat_with_the_message_go_in_one_write() -> None:
+    t = chunked("a@d.test", "b@d.test")
+    assert t.start() == Send(b"MAIL FROM:<s@x.test> SIZE=20\r\nRCPT TO:<a@d.test>\r\nRCPT TO:<b@d.test>\r\n"
+                             b"BDAT 20 LAST\r\nSubject: x\r\n\r\n.dot\r\n", 4)
+    assert [t.waiting, t.receive(OK)] == [Stage.MAIL, NEED_REPLY]
+    assert [t.waiting, t.receive(OK)] == [Stage.RCPT, NEED_REPLY]
+    assert [t.waiting, t.receive(OK)] == [Stage.RCPT, NEED_REPLY]
+    assert t.waiting is Stage.BDAT
+    assert t.receive(QUEUED) == Finished({"a@d.test": QUEUED, "b@d.test": QUEUED}, clean=True, closing=False)
+
+
+def test_bdat_chunk_is_crlf_and_never_dot_stuffed() -> None:
+    writes, end = run(chunked("a@d.test", data=b"a\n.b\n..c\rd"), [OK, OK, QUEUED])
+    assert writes == [b"MAIL FROM:<s@x.test> SIZE=20\r\nRCPT TO:<a@d.test>\r\n"
+                      b"BDAT 15 LAST\r\na\r\n.b\r\n..c\r\nd\r\n"]
+    assert end.clean
+    assert crlf_lines(b"x") == b"x\r\n" and crlf_lines(b"") == b"\r\n" and crlf_lines(b"y\r\n") == b"y\r\n"
+
+
+@given(st.binary(max_size=200) | st.lists(st.sampled_from([b".", b"\r", b"\n", b"a", b"\r\n"])).map(b"".join))
+def test_the_chunk_is_the_dot_stuffed_message_undone(data: bytes) -> None:
+    """The receiver of DATA removes the stuffing and the "."; BDAT's gets those bytes as sent."""
+    lines = message_bytes(data)[:-3].split(b"\r\n")
+    assert crlf_lines(data) == b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines)
+
+
+def test_a_message_over_eager_bdat_waits_for_the_rcpt_replies() -> None:
+    big = b"Subject: big\r\n\r\n" + b"x" * EAGER_BDAT
+    t = chunked("a@d.test", "b@d.test", data=big)
+    first = t.start()
+    assert first == Send(b"MAIL FROM:<s@x.test> SIZE=20\r\nRCPT TO:<a@d.test>\r\nRCPT TO:<b@d.test>\r\n", 3)
+    assert t.receive(OK) is NEED_REPLY and t.receive(NO_USER) is NEED_REPLY
+    body = big + b"\r\n"
+    assert t.receive(OK) == Send(b"BDAT %d LAST\r\n" % len(body) + body, 1)
+    assert t.waiting is Stage.BDAT
+    assert t.receive(QUEUED) == Finished({"a@d.test": NO_USER, "b@d.test": QUEUED}, clean=True, closing=False)
+    # Nobody accepted, or MAIL refused: the message never goes.
+    for replies in ([OK, NO_USER], [NO_SENDER, NEED_MAIL]):
+        writes, end = run(chunked("a@d.test", data=big), replies)
+        assert len(writes) == 1 and end == Finished({"a@d.test": replies[-1] if replies[0] == OK else NO_SENDER},
+                                                     clean=False, closing=False)
+
+
+def test_lock_step_bdat() -> None:
+    t = chunked("a@d.test", "b@d.test", pipelining=False)
+    assert t.start() == Send(b"MAIL FROM:<s@x.test> SIZE=20\r\n", 1)
+    assert t.receive(OK) == Send(b"RCPT TO:<a@d.test>\r\n", 1)
+    assert t.receive(NO_USER) == Send(b"RCPT TO:<b@d.test>\r\n", 1)
+    assert t.receive(OK) == Send(b"BDAT 20 LAST\r\n" + CHUNK, 1)
+    assert t.waiting is Stage.BDAT
+    assert t.receive(QUEUED) == Finished({"a@d.test": NO_USER, "b@d.test": QUEUED}, clean=True, closing=False)
+    writes, end = run(chunked("a@d.test", pipelining=False), [OK, NO_USER])  # nobody accepted: no BDAT
+    assert [w.split(b" ")[0] for w in writes] == [b"MAIL", b"RCPT"] and not end.clean
+
+
+def test_refused_mail_decides_every_recipient_and_the_bdat_reply_is_ignored() -> None:
+    writes, end = run(chunked("a@d.test", "b@d.test"), [NO_SENDER, NEED_MAIL, NEED_MAIL, BAD_SEQUENCE])
+    assert end == Finished({"a@d.test": NO_SENDER, "b@d.test": NO_SENDER}, clean=False, closing=False)
+    assert len(writes) == 1
+    # Even a 250 to BDAT after a refused MAIL decides nothing.
+    _, end = run(chunked("a@d.test"), [NO_SENDER, OK, QUEUED])
+    assert end == Finished({"a@d.test": NO_SENDER}, clean=False, closing=False)
+
+
+def test_every_rcpt_refused_and_the_bdat_reply_is_ignored() -> None:
+    writes, end = run(chunked("a@d.test", "b@d.test"), [OK, NO_USER, LATER, BAD_SEQUENCE])
+    assert end == Finished({"a@d.test": NO_USER, "b@d.test": LATER}, clean=False, closing=False)
+    assert len(writes) == 1
+
+
+def test_one_of_two_rcpts_refused_the_other_decided_by_the_bdat_reply() -> None:
+    _, end = run(chunked("a@d.test", "b@d.test"), [OK, NO_USER, OK, QUEUED])
+    assert end == Finished({"a@d.test": NO_USER, "b@d.test": QUEUED}, clean=True, closing=False)
+
+
+def test_552_to_bdat_last_decides_the_accepted_and_the_session_is_not_clean() -> None:
+    _, end = run(chunked("a@d.test", "b@d.test"), [OK, OK, NO_USER, REFUSED])
+    assert end == Finished({"a@d.test": REFUSED, "b@d.test": NO_USER}, clean=False, closing=False)
+    _, end = run(chunked("a@d.test"), [OK, OK, LATER])
+    assert end == Finished({"a@d.test": LATER}, clean=False, closing=False)
+    _, end = run(chunked("a@d.test"), [OK, OK, CLOSING])
+    assert end == Finished({"a@d.test": CLOSING}, clean=False, closing=True)
+
+
+def test_reset_goes_ahead_of_mail_and_its_reply_is_owed_and_ignored() -> None:
+    t = chunked("a@d.test", reset=True)
+    assert t.start() == Send(b"RSET\r\nMAIL FROM:<s@x.test> SIZE=20\r\nRCPT TO:<a@d.test>\r\n"
+                             b"BDAT 20 LAST\r\n" + CHUNK, 4)
+    assert t.waiting is Stage.RSET
+    assert t.receive(Reply(500, "5.5.1 what")) is NEED_REPLY  # a failed RSET: MAIL's reply tells
+    assert t.waiting is Stage.MAIL
+    assert t.receive(OK) is NEED_REPLY and t.receive(OK) is NEED_REPLY
+    assert t.receive(QUEUED) == Finished({"a@d.test": QUEUED}, clean=True, closing=False)
+    # With DATA too; and a 421 to RSET decides everything at once.
+    plain = Transaction("s@x.test", ["a@d.test"], [], data=DATA, utf8=False, pipelining=True, reset=True)
+    assert plain.start() == Send(b"RSET\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<a@d.test>\r\nDATA\r\n", 4)
+    _, end = run(chunked("a@d.test", reset=True), [CLOSING])
+    assert end == Finished({"a@d.test": CLOSING}, clean=False, closing=True)
+    with pytest.raises(ValueError):
+        chunked("a@d.test", pipelining=False, reset=True)
+
+
+def test_lmtp_ignores_chunking() -> None:
+    t = Transaction("s@x.test", ["a@d.test"], [], data=DATA, utf8=False, pipelining=True, lmtp=True, chunking=True)
+    assert t.start().data.endswith(b"DATA\r\n")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_chunking_and_data_decide_alike(script: list[Reply | None]) -> None:
+    """The same server answers BDAT LAST as it would the end of DATA (a refused DATA: as BDAT)."""
+    mail, rcpt1, rcpt2, data, message = script
+    assert mail is not None and rcpt1 is not None and rcpt2 is not None
+    last = [r for r in (message if data == GO else data,) if r is not None]
+    _, with_data = run(transaction("a@d.test", "b@d.test"), [r for r in script if r is not None])
+    _, with_bdat = run(chunked("a@d.test", "b@d.test"), [mail, rcpt1, rcpt2, *last])
+    assert with_bdat.replies == with_data.replies and with_bdat.closing == with_data.closing
