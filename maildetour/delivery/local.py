@@ -1,12 +1,13 @@
 """Local delivery into our own Maildir mailboxes.
 
 Internal. Each recipient gets the message with a Return-Path header (the envelope sender) in
-front. Writes go through one thread of the agent's own in batches (a group commit, as the
-store's writer does): while a batch is being written, the copies that arrive wait and form the
-next one (at most BATCH_MESSAGES messages or BATCH_BYTES), and `mailbox.maildir.deliver_many`
+front. Writes go through WRITERS threads of the agent's own in batches (a group commit, as the
+store's writer does): while every writer is busy, the copies that arrive wait and form the
+next batch (at most BATCH_MESSAGES messages or BATCH_BYTES), and `mailbox.maildir.deliver_many`
 fsyncs each file and then each `new/` directory once per batch before this reports Delivered.
 Under load that is one directory fsync and one thread hand-off for many copies instead of one
-each; a copy that arrives alone is written at once, as before. A write error (disk full,
+each; a copy that arrives while a writer is free is written at once (two writers: a detour
+copy need not wait for the fsyncs of the message's mailbox copy a moment before). A write error (disk full,
 permissions) is a TemporaryFailure: the copy is retried.
 """
 
@@ -24,6 +25,7 @@ from maildetour.mailbox import maildir
 
 BATCH_MESSAGES = 64
 BATCH_BYTES = 8 << 20
+WRITERS = 2
 
 _Waiting = tuple[Path, bytes, "asyncio.Future[str]"]
 
@@ -31,9 +33,9 @@ _Waiting = tuple[Path, bytes, "asyncio.Future[str]"]
 class LocalAgent:
     def __init__(self, mailbox_dir: Callable[[str], Path]) -> None:
         self._mailbox_dir = mailbox_dir
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="maildir-writer")
+        self._threads = ThreadPoolExecutor(WRITERS, thread_name_prefix="maildir-writer")
         self._waiting: deque[_Waiting] = deque()
-        self._writing = False  # a batch is in the thread
+        self._writing = 0  # batches in the threads
 
     def batch_key(self, target: str) -> str:
         """Every mailbox copy of a message goes in one job."""
@@ -52,12 +54,12 @@ class LocalAgent:
         return outcomes
 
     async def close(self) -> None:
-        self._thread.shutdown(wait=False)  # a batch being written finishes
+        self._threads.shutdown(wait=False)  # batches being written finish
 
     def _write(self, root: Path, data: bytes) -> asyncio.Future[str]:
         name: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._waiting.append((root, data, name))
-        if not self._writing:
+        if self._writing < WRITERS:
             self._next_batch()
         return name
 
@@ -67,22 +69,22 @@ class LocalAgent:
         while self._waiting and len(batch) < BATCH_MESSAGES and (not batch or size < BATCH_BYTES):
             batch.append(self._waiting.popleft())
             size += len(batch[-1][1])
-        self._writing = bool(batch)
         if not batch:
             return
         try:
             done = asyncio.get_running_loop().run_in_executor(
-                self._thread, maildir.deliver_many, [(root, data) for root, data, _ in batch])
+                self._threads, maildir.deliver_many, [(root, data) for root, data, _ in batch])
         except RuntimeError:  # closed (a reload retired this agent): the copies are tried again
-            self._writing = False
             for _, _, name in batch:
                 if not name.done():
                     name.set_exception(OSError("the mailbox writer is closed"))
             self._next_batch()  # the rest fail the same way
             return
+        self._writing += 1
         done.add_done_callback(lambda finished: self._settle(batch, finished))
 
     def _settle(self, batch: list[_Waiting], finished: asyncio.Future[list[str | OSError]]) -> None:
+        self._writing -= 1
         try:
             results: list[str | OSError] = finished.result()
         except BaseException as exc:  # cannot happen (deliver_many returns its errors); fail the batch

@@ -5,6 +5,7 @@ each copy still gets its own outcome, and a copy alone is written at once."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,35 @@ def test_a_mailbox_that_cannot_be_written_fails_only_its_copy(tmp_path: Path) ->
     bad, good = asyncio.run(main())
     assert isinstance(bad, TemporaryFailure) and bad.code == 451
     assert isinstance(good, Delivered)
+
+
+def test_a_copy_does_not_wait_for_a_slow_batch_while_a_writer_is_free(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two writers: a detour copy need not wait for the fsyncs of the mailbox copy of the same
+    message, written a moment before."""
+    release = threading.Event()
+    real = local.maildir.deliver_many
+
+    def slow_for_box1(messages: list[tuple[Path, bytes]]) -> list[str | OSError]:
+        if any(root.name == "box1@x.example" for root, _ in messages):
+            release.wait(10)
+        return real(messages)
+
+    monkeypatch.setattr(local.maildir, "deliver_many", slow_for_box1)
+
+    async def main() -> tuple[bool, object, object]:
+        agent = LocalAgent(lambda address: tmp_path / address)
+        try:
+            slow = asyncio.ensure_future(agent.deliver(job(1, "box1@x.example")))
+            await asyncio.sleep(0)
+            quick = await asyncio.wait_for(agent.deliver(job(2, "box2@x.example")), 10)
+            slow_still_writing = not slow.done()
+            release.set()
+            return slow_still_writing, next(iter(quick.values())), next(iter((await slow).values()))
+        finally:
+            release.set()
+            await agent.close()
+
+    slow_still_writing, quick, slow = asyncio.run(main())
+    assert slow_still_writing
+    assert isinstance(quick, Delivered) and isinstance(slow, Delivered)
