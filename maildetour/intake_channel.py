@@ -4,11 +4,13 @@ What: one Unix stream socket per worker, made by the main process before it star
 (a socket pair; no port, no path). Each message is one JSON line. The worker says:
   ["ready", PID]                  the worker serves its listeners
   ["accept", N, MESSAGE, [NEWCOPY, ...], [EVENT, ...], BYTES]
-                                  commit this message, whose bytes the worker has written to the
-                                  spool (fsync'ed): the main process's store is the queue's one
-                                  writer. N numbers the request; BYTES: the message, base64,
-                                  when at most INLINE bytes (the main process delivers it
-                                  without reading the spool), else null
+                                  commit this message: the main process's store is the queue's
+                                  one writer. N numbers the request; BYTES: the message,
+                                  base64, when at most INLINE bytes (the main process delivers
+                                  it without reading the spool), else null. A message the
+                                  rule `store.sqlite.in_database` keeps in the database is
+                                  committed with these bytes; a larger one the worker has
+                                  written to the spool (fsync'ed) before it asks
   ["finish", N, QUEUE_ID, KEEP_UNTIL]
                                   mark a message finished, its bytes kept until KEEP_UNTIL
                                   (a late bounce's own message: `LateBounces` keeps it a while)
@@ -18,8 +20,8 @@ What: one Unix stream socket per worker, made by the main process before it star
 and the main process answers each "accept", once its transaction committed or failed:
   ["accepted", N, [COPY, ...]]    committed (and scheduled): the worker may send its 250
   ["finished", N]                 the "finish" committed
-  ["refused", N, REASON]          not committed: the worker answers 451 (and for an "accept"
-                                  removes its file)
+  ["refused", N, REASON, FULL]    not committed: the worker answers 451, or 452 when FULL
+                                  (the disk is full), and for an "accept" removes its file
 `encode_*`/`decode_*` turn records and outcomes into JSON values and back; `decode` (the
 worker's lines) and `decode_answer` (the main process's) check a line's shape and raise
 ValueError for anything else. `Channel` is the worker's end: `commit` and `finish` ask and
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import json
 import logging
 from dataclasses import fields
@@ -54,6 +57,7 @@ from maildetour.core.outcome import (
 )
 from maildetour.metrics import Metrics
 from maildetour.store.records import Copy, Event, Message, NewCopy
+from maildetour.store.sqlite import IN_DATABASE
 
 log = logging.getLogger("maildetour.intake")
 
@@ -61,6 +65,7 @@ log = logging.getLogger("maildetour.intake")
 # reads larger ones from the spool when it delivers them. Measured on the bench: a spool read
 # through a thread was 0.4-0.7 ms of a delivery's time.
 INLINE = 256 * 1024
+assert IN_DATABASE <= INLINE  # a message kept in the database always travels with its request
 # A line longer than this is not ours: the largest real one is a message's bytes (INLINE,
 # base64) and its copies (at most smtp.max_recipients routes, each a few targets).
 MAX_LINE = 16 * 1024 * 1024
@@ -75,7 +80,8 @@ COUNTED = frozenset({"accepted", "refused", "settled", "late_bounce"})
 
 
 class CommitRefused(OSError):
-    """The main process did not commit the message (its store failed): answer 451."""
+    """The main process did not commit the message (its store failed): answer 451, or 452 when
+    its errno says the disk is full (`store.base.disk_full`)."""
 
 
 class ChannelClosed(OSError):
@@ -185,7 +191,7 @@ def decode_answer(line: bytes) -> list[Any]:
     """One line from the main process, its shape checked (ValueError otherwise)."""
     message = _load(line)
     match message:
-        case ["accepted", int(), list()] | ["finished", int()] | ["refused", int(), str()]:
+        case ["accepted", int(), list()] | ["finished", int()] | ["refused", int(), str(), bool()]:
             pass
         case _:
             raise ValueError(f"unknown answer: {line[:200]!r}")
@@ -263,8 +269,8 @@ class Channel:
                 answer_to.set_result([decode_copy(c) for c in copies])
             case ["finished", _]:
                 answer_to.set_result(None)
-            case ["refused", _, str() as reason]:
-                answer_to.set_exception(CommitRefused(reason))
+            case ["refused", _, str() as reason, bool() as full]:
+                answer_to.set_exception(CommitRefused(errno.ENOSPC if full else None, reason))
 
     async def report(self, copy: Copy, outcome: Outcome) -> None:
         """`LateBounces`' `report`: the main process's scheduler decides what the bounce means."""

@@ -1,9 +1,10 @@
 """An SMTP intake worker's store: it reads the queue, and commits through the main process.
 
 Internal. `RelayedStore` is a read-only `SqliteStore` (a worker's late-bounce matching reads
-copies and kept bytes) whose `accept` writes the message's bytes to the spool itself, fsync'ed
-on the worker's own core as `SqliteStore.accept` does, and has the main process's store commit
-the rows (`intake_channel.Channel.commit`; `finish`, which a late bounce's own message needs,
+copies and kept bytes) whose `accept` has the main process's store commit the message: a small
+one (`sqlite.in_database`) with its bytes, which travel along; a larger one's bytes it writes
+to the spool itself first, fsync'ed on the worker's own core as `SqliteStore.accept` does, and
+the main process commits the rows (`intake_channel.Channel.commit`; `finish`, which a late bounce's own message needs,
 goes the same way). So the queue database has one writer: no process
 waits for another's write lock, commits of all processes share one group commit, and the
 main process schedules each copy the moment it commits it.
@@ -23,7 +24,7 @@ from typing import Sequence
 
 from maildetour.intake_channel import Channel, ChannelClosed, CommitRefused
 from maildetour.store.records import Copy, Event, Message, NewCopy
-from maildetour.store.sqlite import SqliteStore
+from maildetour.store.sqlite import SqliteStore, in_database
 
 
 class RelayedStore(SqliteStore):
@@ -35,11 +36,14 @@ class RelayedStore(SqliteStore):
                      events: Sequence[Event]) -> list[Copy]:
         if self._channel.closed:  # the worker is stopping: write nothing
             raise ChannelClosed("the main process is gone")
-        await asyncio.to_thread(self.spool.write, message.queue_id, data)
+        spooled = not in_database(len(data))  # else its bytes go in the main process's commit
+        if spooled:
+            await asyncio.to_thread(self.spool.write, message.queue_id, data)
         try:
             return await self._channel.commit(message, data, copies, events)
         except CommitRefused:
-            await asyncio.to_thread(self.spool.remove, message.queue_id)
+            if spooled:
+                await asyncio.to_thread(self.spool.remove, message.queue_id)
             raise
 
     async def finish(self, queue_id: str, keep_until: float | None = None) -> None:

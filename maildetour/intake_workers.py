@@ -54,8 +54,9 @@ from maildetour.intake_channel import (
     encode_copy,
 )
 from maildetour.metrics import Metrics
+from maildetour.store.base import disk_full
 from maildetour.store.records import Event, Message, NewCopy
-from maildetour.store.sqlite import SqliteStore
+from maildetour.store.sqlite import SqliteStore, in_database
 
 log = logging.getLogger("maildetour.intake")
 
@@ -250,13 +251,15 @@ class IntakeWorkers:
 
     async def _enter(self, worker: _Worker, token: int, message: Message, copies: list[NewCopy],
                      events: list[Event], data: bytes | None) -> None:
-        """Commit what `worker` received (its bytes are in the spool), answer it, and schedule
+        """Commit what `worker` received (a small message's bytes with it, `in_database`; a larger
+        one's are in the spool), answer it, and schedule
         the copies: the worker sends its 250 when the answer arrives, while delivery starts here."""
+        in_db = data is not None and in_database(len(data))  # else the worker wrote the spool file
         try:
-            made = await self.store.enter(message, copies, events)
-        except Exception as exc:  # the worker answers 451 and removes its file
+            made = await self.store.enter(message, copies, events, data if in_db else None)
+        except Exception as exc:  # the worker answers 451 (and removes its file)
             log.error("%s: commit for intake worker %d failed: %s", message.queue_id, worker.index, exc)
-            self._answer(worker, "refused", token, f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+            self._refuse(worker, token, exc)
             return
         if data is not None:
             self.store.remember(message.queue_id, data)
@@ -268,9 +271,13 @@ class IntakeWorkers:
             await self.store.finish(queue_id, keep_until)
         except Exception as exc:
             log.error("%s: finish for intake worker %d failed: %s", queue_id, worker.index, exc)
-            self._answer(worker, "refused", token, f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+            self._refuse(worker, token, exc)
             return
         self._answer(worker, "finished", token)
+
+    def _refuse(self, worker: _Worker, token: int, error: Exception) -> None:
+        self._answer(worker, "refused", token, f"{type(error).__name__}: {error}".splitlines()[0][:200],
+                     disk_full(error))
 
     def _answer(self, worker: _Worker, *answer: Any) -> None:
         if not worker.writer.is_closing():  # a worker gone meanwhile: its session ended without 250

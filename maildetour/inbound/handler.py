@@ -12,7 +12,6 @@ write gets 452 4.3.1 when the disk is full, else 451 4.3.0; an unexpected except
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import sqlite3
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from maildetour.core.received import (
 from maildetour.core.routing import Accept, RoutingTable, route
 from maildetour.metrics import Metrics
 from maildetour.sign.srs import SrsCodec, SrsError, is_srs
-from maildetour.store.base import Store
+from maildetour.store.base import Store, disk_full
 from maildetour.store.records import (
     Copy,
     CopyState,
@@ -48,8 +47,6 @@ log = logging.getLogger("maildetour.inbound")
 NULL_SENDER = "<>"  # how aiosmtpd hands us MAIL FROM:<>
 
 # Errors of a store that ran out of room (disk full, quota; SQLite says SQLITE_FULL = 13).
-_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-_SQLITE_FULL = 13
 
 T = TypeVar("T")
 
@@ -57,11 +54,7 @@ T = TypeVar("T")
 def storage_reply(error: OSError | sqlite3.Error) -> replies.Reply:
     """What a client hears when the store could not write: 452 4.3.1 for a full disk (it may
     send again later, RFC 3463), 451 4.3.0 for any other local error. Never the error's text."""
-    if isinstance(error, OSError):
-        full = error.errno in _FULL_ERRNOS
-    else:
-        full = (getattr(error, "sqlite_errorcode", 0) & 0xFF) == _SQLITE_FULL
-    return replies.NO_STORAGE if full else replies.INTERNAL_ERROR
+    return replies.NO_STORAGE if disk_full(error) else replies.INTERNAL_ERROR
 
 
 @dataclass(frozen=True, slots=True)

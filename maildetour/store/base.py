@@ -20,11 +20,23 @@ while a copy is marked in an attempt (`started`), which the operator's `queue de
 
 from __future__ import annotations
 
+import errno
 from typing import Awaitable, Callable, Protocol, Sequence
 
 from maildetour.store.listing import BytesGone, InFlight, QueueListing, QueueQuery
 from maildetour.store.records import Copy, CopyState, DueCopies, Event, Message, NewCopy, Story
 from maildetour.store.retention import RetentionReport
+
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_SQLITE_FULL = 13
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether a store's write failed because the disk (or the quota) is full: an OSError
+    saying so, or SQLite's SQLITE_FULL. The client may send again later (452 4.3.1)."""
+    if isinstance(error, OSError):
+        return error.errno in _FULL_ERRNOS
+    return (getattr(error, "sqlite_errorcode", 0) & 0xFF) == _SQLITE_FULL
 
 
 class Store(Protocol):

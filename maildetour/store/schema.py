@@ -104,6 +104,12 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "the index of queued copies by due time", (
         "CREATE INDEX copies_due ON copies(next_at) WHERE state = 'queued'",
     )),
+    # CPU per message (issue 13): a message up to `sqlite.IN_DATABASE` bytes keeps its bytes
+    # here, committed with its rows (one fsync, no spool file to make, fsync and unlink); a
+    # larger one, or one accepted before, has them in the spool as before.
+    Migration(6, "the bytes of small messages in the queue database", (
+        "CREATE TABLE bodies (queue_id TEXT PRIMARY KEY, data BLOB NOT NULL)",
+    )),
 )
 VERSION = MIGRATIONS[-1].version
 # How long a statement waits for a lock another connection holds (the server's writer, an

@@ -3,7 +3,8 @@ copy needs from the spool, and the check of a restored queue.
 
 What: `take` copies the live database with SQLite's online backup API (a snapshot of one
 moment; the server keeps writing). `wanted_bytes` says which spool files the copy refers to:
-those of messages with copies still to deliver (required) and those kept for late bounces.
+those of messages with copies still to deliver (required) and those kept for late bounces —
+less the small messages whose bytes the database itself holds (`bodies`, schema 6).
 A message can finish on the live server between the snapshot and the copy of its spool file,
 and the server then removes the file: `settle` writes that message's later, final rows from the
 live database into the copy (each message's rows stay one state it really was in), so the copy
@@ -56,9 +57,17 @@ def wanted_bytes(db: Path) -> Wanted:
         required = {r[0] for r in conn.execute(f"SELECT DISTINCT queue_id FROM copies WHERE state NOT IN {_FINAL}")}
         kept = {r[0] for r in conn.execute("SELECT queue_id FROM messages WHERE keep_until IS NOT NULL"
                                            " OR finished = 0")}
-        return Wanted(frozenset(required), frozenset(kept - required))
+        in_db = _in_database(conn)  # their bytes are in the queue database itself
+        return Wanted(frozenset(required - in_db), frozenset(kept - required - in_db))
     finally:
         conn.close()
+
+
+def _in_database(conn: sqlite3.Connection) -> set[str]:
+    """Messages whose bytes the queue database holds (schema 6 on: `bodies`)."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='bodies'").fetchone() is None:
+        return set()
+    return {r[0] for r in conn.execute("SELECT queue_id FROM bodies")}
 
 
 def settle(copy: Path, live: Path, queue_ids: Iterable[str]) -> list[str]:

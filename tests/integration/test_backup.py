@@ -17,7 +17,7 @@ from pathlib import Path
 
 from maildetour.store import snapshot
 from maildetour.store.records import Event, Message, NewCopy
-from maildetour.store.sqlite import SqliteStore
+from maildetour.store.sqlite import IN_DATABASE, SqliteStore
 from tests.harness import Server, message, running_server, seed_text
 from tests.peers.ports import free_port
 from tests.peers.sinks import running_sink
@@ -98,6 +98,10 @@ def test_a_backup_taken_under_load_restores_every_message_acknowledged_before_it
             second.stop()
 
 
+# Over store.sqlite.IN_DATABASE: its bytes go to the spool (smaller ones are in the database).
+LARGE = (b"L" * 76 + b"\r\n") * (IN_DATABASE // 78 + 1)
+
+
 def test_a_message_that_finished_while_its_bytes_were_copied_is_taken_in_its_final_state(tmp_path: Path) -> None:
     live, copy = tmp_path / "live", tmp_path / "copy"
     copy.mkdir()
@@ -105,8 +109,10 @@ def test_a_message_that_finished_while_its_bytes_were_copied_is_taken_in_its_fin
     async def main() -> None:
         store = SqliteStore(live / "queue.sqlite3", live / "spool", live / "audit.jsonl")
         async with store.running():
-            [queued] = await store.accept(Message("Q1", "a@b.example", 100.0, "", 5, "c"), b"x\r\n",
+            [queued] = await store.accept(Message("Q1", "a@b.example", 100.0, "", 5, "c"), LARGE,
                                           [NewCopy("r@ex.com", "t@ex.org", False)], [])
+            await store.accept(Message("Q2", "a@b.example", 100.0, "", 5, "c"), b"small\r\n",
+                               [NewCopy("r@ex.com", "t@ex.org", False)], [])  # its bytes: in the database
             snapshot.take(live / "queue.sqlite3", copy / "queue.sqlite3")  # the backup's moment
             await store.update(replace(queued, state="delivered"),
                                [Event(101.0, "Q1", queued.id, "delivered", "t@ex.org", "250 ok")])
@@ -118,9 +124,12 @@ def test_a_message_that_finished_while_its_bytes_were_copied_is_taken_in_its_fin
     assert snapshot.wanted_bytes(copy / "queue.sqlite3").required == {"Q1"}
     assert snapshot.settle(copy / "queue.sqlite3", live / "queue.sqlite3", ["Q1"]) == ["Q1"]
     conn = sqlite3.connect(copy / "queue.sqlite3")
-    assert conn.execute("SELECT state FROM copies").fetchall() == [("delivered",)]
+    assert conn.execute("SELECT queue_id, state FROM copies ORDER BY queue_id").fetchall() == [
+        ("Q1", "delivered"), ("Q2", "queued")]
     assert conn.execute("SELECT kind FROM events").fetchall() == [("delivered",)]
-    assert conn.execute("SELECT finished, finished_at FROM messages").fetchall() == [(1, 101.0)]
+    assert conn.execute("SELECT queue_id, finished, finished_at FROM messages ORDER BY queue_id").fetchall() == [
+        ("Q1", 1, 101.0), ("Q2", 0, None)]
+    assert conn.execute("SELECT data FROM bodies WHERE queue_id = 'Q2'").fetchall() == [(b"small\r\n",)]
     conn.close()
     assert snapshot.missing_bytes(copy / "queue.sqlite3", copy / "spool") == []
 
@@ -128,7 +137,7 @@ def test_a_message_that_finished_while_its_bytes_were_copied_is_taken_in_its_fin
 def test_restore_refuses_a_running_server_and_a_state_dir_in_use_and_reports_missing_bytes(tmp_path: Path) -> None:
     with running_sink(temp_failures=10**9) as slow_gmail, \
             running_server(tmp_path / "a", gmail=f"{slow_gmail.host}:{slow_gmail.port}") as server:
-        queue_id = server.send(message("kept in the queue"))
+        queue_id = server.send(message("kept in the queue") + LARGE)  # a large one: its bytes are a spool file
         assert server.cli("backup", str(tmp_path / "backup")).returncode == 0
         again = server.cli("backup", str(tmp_path / "backup"))
         assert again.returncode == 1 and "not an empty directory" in again.stderr

@@ -50,15 +50,17 @@ async def settled(store: SqliteStore, queue_id: str, at: float, *states: str,
 
 
 def left(tmp_path: Path) -> tuple[list[str], list[str], list[str]]:
-    """Queue ids with rows in messages, with events, and with a spool file."""
+    """Queue ids with rows in messages, with events, and with bytes kept (in the database's
+    `bodies`, small ones, or as a spool file)."""
     conn = sqlite3.connect(tmp_path / "queue.sqlite3")
     try:
         rows = [r[0] for r in conn.execute("SELECT queue_id FROM messages ORDER BY queue_id")]
         events = [r[0] for r in conn.execute("SELECT DISTINCT queue_id FROM events ORDER BY queue_id")]
+        in_db = {r[0] for r in conn.execute("SELECT queue_id FROM bodies")}
     finally:
         conn.close()
-    files = sorted(p.name for p in (tmp_path / "spool").iterdir() if p.is_file())
-    return rows, events, files
+    files = {p.name for p in (tmp_path / "spool").iterdir() if p.is_file()}
+    return rows, events, sorted(in_db | files)
 
 
 def test_finished_messages_go_with_their_events_and_bytes_and_nothing_still_needed_does(tmp_path: Path) -> None:
@@ -197,8 +199,16 @@ def test_a_running_server_purges_finished_mail_and_its_store_stays_small(tmp_pat
         server.wait_mailbox("ituki@gm.example.net", 5)  # "gmail" is unreachable: the detour
 
         def spooled() -> list[str]:
-            return [p.name for p in (server.state / "spool").iterdir() if p.is_file()]
+            """Messages with bytes kept: spool files, and (small ones) rows of `bodies`."""
+            conn = sqlite3.connect(server.state / "queue.sqlite3")
+            try:
+                in_db = [r[0] for r in conn.execute("SELECT queue_id FROM bodies")]
+            finally:
+                conn.close()
+            return in_db + [p.name for p in (server.state / "spool").iterdir() if p.is_file()]
 
+        kept = spooled()  # the bytes of the last ones at least are kept for the late-bounce window
+        assert kept and set(kept) <= set(ids)
         # The rows go first, the spool files a moment later (the sweep removes them off the loop).
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and (any(server.events(q) for q in ids) or spooled()):

@@ -1,13 +1,37 @@
 """The SQLite store and spool: durable acceptance, grouped commits, finishing, keeping, orphans,
-and the operator's hands on the queue (hold, release, delete, flush) with their audit events."""
+and the operator's hands on the queue (hold, release, delete, flush) with their audit events.
+A small message keeps its bytes in the queue database, a larger one (over IN_DATABASE) in the
+spool: what is about bytes is checked for both."""
 
 import asyncio
 import json
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from maildetour.store.records import Event, Message, NewCopy
-from maildetour.store.sqlite import SqliteStore
+from maildetour.store.sqlite import IN_DATABASE, SqliteStore
+
+LARGE = b"L" * IN_DATABASE + b"\r\n"  # over IN_DATABASE: spooled
+SIZES = pytest.mark.parametrize("large", [False, True], ids=["in the database", "in the spool"])
+
+
+def payload(text: bytes, large: bool) -> bytes:
+    return LARGE + text if large else text
+
+
+def bytes_at(tmp_path: Path, queue_id: str) -> str | None:
+    """Where the store keeps `queue_id`'s bytes: "database", "spool", or None (gone)."""
+    conn = sqlite3.connect(tmp_path / "queue.sqlite3")
+    try:
+        in_db = conn.execute("SELECT 1 FROM bodies WHERE queue_id=?", (queue_id,)).fetchone() is not None
+    finally:
+        conn.close()
+    in_spool = (tmp_path / "spool" / queue_id).exists()
+    assert not (in_db and in_spool), queue_id
+    return "database" if in_db else "spool" if in_spool else None
 
 
 def make(tmp_path: Path) -> SqliteStore:
@@ -28,30 +52,33 @@ def msg(queue_id: str, at: float = 100.0) -> Message:
     return Message(queue_id, "a@b.example", at, f"<{queue_id}@x>", 5, "c [127.0.0.1]")
 
 
-def test_concurrent_accepts_are_all_durable_with_their_copies_and_events(tmp_path: Path) -> None:
+@SIZES
+def test_concurrent_accepts_are_all_durable_with_their_copies_and_events(tmp_path: Path, large: bool) -> None:
     async def body(store: SqliteStore) -> list[int]:
         made = await asyncio.gather(*(
-            store.accept(msg(f"Q{i:03}"), b"data %d\r\n" % i, [NewCopy("r@ex.com", "t@ex.org", False)],
+            store.accept(msg(f"Q{i:03}"), payload(b"data %d\r\n" % i, large), [NewCopy("r@ex.com", "t@ex.org", False)],
                          [Event(100.0, f"Q{i:03}", None, "accepted", "r@ex.com", "")])
             for i in range(50)))
         return [copies[0].id for copies in made]
 
     ids = asyncio.run(with_store(tmp_path, body))
     assert len(set(ids)) == 50
-    assert sorted(p.name for p in (tmp_path / "spool").iterdir() if p.is_file()) == [f"Q{i:03}" for i in range(50)]
+    assert {bytes_at(tmp_path, f"Q{i:03}") for i in range(50)} == {"spool" if large else "database"}
 
-    async def reopened(store: SqliteStore) -> tuple[int, bytes]:
+    async def reopened(store: SqliteStore) -> tuple[int, bytes]:  # a new store: nothing in memory
         return len(await store.unfinished()), await store.read("Q007")
 
-    assert asyncio.run(with_store(tmp_path, reopened)) == (50, b"data 7\r\n")
+    assert asyncio.run(with_store(tmp_path, reopened)) == (50, payload(b"data 7\r\n", large))
     lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert len(lines) == 50 and {line["event"] for line in lines} == {"accepted"}
 
 
-def test_finish_removes_the_bytes_unless_kept_for_late_bounces(tmp_path: Path) -> None:
-    async def body(store: SqliteStore) -> tuple[bool, bool, bool, int, bool]:
+@SIZES
+def test_finish_removes_the_bytes_unless_kept_for_late_bounces(tmp_path: Path, large: bool) -> None:
+    async def body(store: SqliteStore) -> tuple[bool, bool, bool, int, str | None]:
         for queue_id in ("QA", "QB"):
-            [copy] = await store.accept(msg(queue_id), b"x\r\n", [NewCopy("r@ex.com", "t@ex.org", False)], [])
+            [copy] = await store.accept(msg(queue_id), payload(b"x\r\n", large),
+                                        [NewCopy("r@ex.com", "t@ex.org", False)], [])
             await store.update(replace(copy, state="delivered"), [])
         await store.finish("QA")
         await store.finish("QB", keep_until=200.0)
@@ -59,12 +86,12 @@ def test_finish_removes_the_bytes_unless_kept_for_late_bounces(tmp_path: Path) -
         kept_after = await store.kept("QB", 250.0)
         gone = await store.kept("QA", 150.0)
         purged = await store.purge(250.0)
-        return gone, kept_before, kept_after, purged, (tmp_path / "spool" / "QB").exists()
+        return gone, kept_before, kept_after, purged, bytes_at(tmp_path, "QB")
 
-    gone, kept_before, kept_after, purged, file_left = asyncio.run(with_store(tmp_path, body))
-    assert not gone and not (tmp_path / "spool" / "QA").exists()
+    gone, kept_before, kept_after, purged, left = asyncio.run(with_store(tmp_path, body))
+    assert not gone and bytes_at(tmp_path, "QA") is None
     assert kept_before and not kept_after
-    assert purged == 1 and not file_left
+    assert purged == 1 and left is None
 
 
 def test_spool_files_without_a_commit_are_removed_at_start_up(tmp_path: Path) -> None:
@@ -73,7 +100,7 @@ def test_spool_files_without_a_commit_are_removed_at_start_up(tmp_path: Path) ->
     (tmp_path / "spool" / "tmp" / "HALF").write_bytes(b"half written")
 
     async def body(store: SqliteStore) -> None:
-        await store.accept(msg("QKEEP"), b"x\r\n", [NewCopy("r@ex.com", "t@ex.org", False)], [])
+        await store.accept(msg("QKEEP"), LARGE, [NewCopy("r@ex.com", "t@ex.org", False)], [])
 
     asyncio.run(with_store(tmp_path, body))
     restarted = make(tmp_path)
@@ -139,7 +166,7 @@ def test_hold_release_and_delete_change_copies_with_audit_events(tmp_path: Path)
     assert [(c.state, c.next_at, c.attempts) for c in again] == [("queued", 400.0, 0)]
     assert [c.state for c in story.copies] == ["deleted"]
     assert [e.kind for e in story.events] == ["held", "released", "deleted"]
-    assert not (tmp_path / "spool" / "QH").exists()  # nothing left to deliver: the bytes went
+    assert bytes_at(tmp_path, "QH") is None  # nothing left to deliver: the bytes went
     audit = [json.loads(line)["event"] for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert audit == ["held", "released", "deleted"]
 

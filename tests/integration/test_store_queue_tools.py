@@ -6,9 +6,11 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from maildetour.store.listing import BytesGone, InFlight, QueueListing, QueueQuery
 from maildetour.store.records import Event, Message, NewCopy
-from maildetour.store.sqlite import SqliteStore
+from maildetour.store.sqlite import IN_DATABASE, SqliteStore
 
 
 async def with_store(tmp_path: Path, body):  # type: ignore[no-untyped-def]
@@ -157,9 +159,12 @@ def test_flush_makes_only_the_chosen_queued_copies_due_with_a_flushed_event_each
         ("QG", "flushed", "1 queued copy to @gmail.com due now, by the operator")]
 
 
-def test_requeue_starts_failed_and_quarantined_copies_over_at_their_origin(tmp_path: Path) -> None:
+@pytest.mark.parametrize("large", [False, True], ids=["bytes in the database", "bytes in the spool"])
+def test_requeue_starts_failed_and_quarantined_copies_over_at_their_origin(tmp_path: Path, large: bool) -> None:
+    data = b"L" * IN_DATABASE + b"\r\n" if large else b"x\r\n"
+
     async def body(store: SqliteStore):  # type: ignore[no-untyped-def]
-        pc, gmail = await store.accept(msg("QR", 100.0), b"x\r\n", two_copies(), [])
+        pc, gmail = await store.accept(msg("QR", 100.0), data, two_copies(), [])
         await store.update(replace(gmail, target="box@backup.example", state="quarantined", attempts=3,
                                    detours=1, first_failure=150.0), [])
         await store.update(replace(pc, state="failed", attempts=1), [])
@@ -170,13 +175,13 @@ def test_requeue_starts_failed_and_quarantined_copies_over_at_their_origin(tmp_p
                         for c in await store.unfinished())
         story = await store.story("QR")
         # A message whose copies were all final had its bytes let go: nothing to requeue.
-        [other] = await store.accept(msg("QX", 100.0), b"x\r\n", [NewCopy("r@example.com", "t@ex.org", False)], [])
+        [other] = await store.accept(msg("QX", 100.0), data, [NewCopy("r@example.com", "t@ex.org", False)], [])
         await store.update(replace(other, state="bounced", attempts=1), [])
         await store.finish("QX", keep_until=None)
         gone = await store.requeue("QX", 700.0)
-        return requeued, again, copies, story, gone
+        return requeued, again, copies, story, gone, await store.read("QR")
 
-    requeued, again, copies, story, gone = asyncio.run(with_store(tmp_path, body))
+    requeued, again, copies, story, gone, kept = asyncio.run(with_store(tmp_path, body))
     assert (requeued, again) == (2, 0)
     assert copies == [("box@pc.example.net", "queued", 0, 0, None, 500.0, False),
                       ("hid@gmail.com", "queued", 0, 0, None, 500.0, True)]
@@ -186,4 +191,5 @@ def test_requeue_starts_failed_and_quarantined_copies_over_at_their_origin(tmp_p
         ("requeued", "hid@gmail.com", "quarantined at box@backup.example: queued again at its first target, "
                                       "attempts reset, by the operator")]
     assert gone == BytesGone()
-    assert (tmp_path / "spool" / "QR").exists() and not (tmp_path / "spool" / "QX").exists()
+    assert kept == data
+    assert (tmp_path / "spool" / "QR").exists() == large and not (tmp_path / "spool" / "QX").exists()

@@ -14,9 +14,12 @@ from typing import Any
 
 import pytest
 
+from maildetour.core import replies
 from maildetour.core.outcome import Delivered, PermanentFailure
+from maildetour.inbound.handler import storage_reply
 from maildetour.intake_channel import (
     INLINE,
+    MAX_LINE,
     Channel,
     ChannelClosed,
     CommitRefused,
@@ -33,7 +36,7 @@ from maildetour.intake_store import RelayedStore
 from maildetour.intake_workers import IntakeWorkers, _Worker
 from maildetour.metrics import Metrics
 from maildetour.store.records import Copy, Event, Message, NewCopy
-from maildetour.store.sqlite import SqliteStore
+from maildetour.store.sqlite import IN_DATABASE, SqliteStore
 from tests.configs import seed_config
 
 COPY = Copy(7, "Q1", "a@b.example", "r@x.example", "t@x.example", "t@x.example", False, "queued", 0, 5.0,
@@ -57,7 +60,7 @@ def test_anything_else_from_a_worker_is_refused(line: bytes) -> None:
         decode(line)
 
 
-@pytest.mark.parametrize("line", [b'["accept", 1, [], [], [], null]', b'["accepted", "1", []]',
+@pytest.mark.parametrize("line", [b'["accept", 1, [], [], [], null]', b'["accepted", "1", []]', b'["refused", 1, "x"]',
                                   b'["refused", 1]', b'["ready", 1]'])
 def test_anything_else_from_the_main_process_is_refused(line: bytes) -> None:
     with pytest.raises(ValueError):
@@ -123,8 +126,8 @@ class Pair:
         self.ours.recover()
         self.writing = asyncio.create_task(self.ours.run())
         main_sock, worker_sock = socket.socketpair()
-        self.main_reader, self.main_writer = await asyncio.open_unix_connection(sock=main_sock)
-        worker_reader, worker_writer = await asyncio.open_unix_connection(sock=worker_sock)
+        self.main_reader, self.main_writer = await asyncio.open_unix_connection(sock=main_sock, limit=MAX_LINE)
+        worker_reader, worker_writer = await asyncio.open_unix_connection(sock=worker_sock, limit=MAX_LINE)
         self.channel = Channel(worker_writer)
         self.listening = asyncio.create_task(self.channel.listen(worker_reader))
         self.worker = RelayedStore(*self.paths, self.channel)
@@ -150,10 +153,10 @@ class Pair:
 
 def test_a_workers_message_is_committed_by_the_main_process_and_scheduled_before_the_answer(
         tmp_path: Path) -> None:
-    """The worker writes the spool file; the rows come from the main process's store, whose
-    scheduler has the copies by the time the worker hears "accepted" (then it sends its 250).
-    A message up to INLINE bytes travels along and is delivered from memory; a larger one is
-    read from the spool."""
+    """The rows come from the main process's store, whose scheduler has the copies by the time
+    the worker hears "accepted" (then it sends its 250). A message up to INLINE bytes travels
+    along and is delivered from memory (one up to IN_DATABASE is committed with its bytes: no
+    spool file); the worker writes a larger one's spool file, and it is read from there."""
     small, large = b"Subject: small\r\n\r\nhi\r\n", b"x" * (INLINE + 1)
 
     async def main() -> tuple[list[str], list[list[str]], list[str], bytes, bytes, list[tuple[str, int]]]:
@@ -183,7 +186,7 @@ def test_a_workers_message_is_committed_by_the_main_process_and_scheduled_before
     kinds, seen_at_answer, files, got_small, got_large, rows = asyncio.run(main())
     assert kinds == ["accept", "accept"]
     assert seen_at_answer == [["SMALL", "SMALL"], ["SMALL", "SMALL", "LARGE", "LARGE"]]
-    assert files == ["LARGE", "SMALL"]  # written by the worker
+    assert files == ["LARGE"]  # written by the worker; SMALL's bytes are committed with its rows
     assert rows == [("LARGE", 2), ("SMALL", 2)]  # committed by the main process
     assert got_small == small
     assert got_large == b"<read from the spool, which is gone>"
@@ -194,31 +197,34 @@ def _args(queue_id: str, data: bytes) -> tuple[Message, bytes, list[NewCopy], li
     return message, data, copies, events
 
 
-def test_a_commit_the_main_process_refuses_is_an_error_and_leaves_no_file(tmp_path: Path) -> None:
-    async def main() -> tuple[str, list[str], list[Copy]]:
+@pytest.mark.parametrize("size", [3, IN_DATABASE + 1])
+def test_a_commit_the_main_process_refuses_is_an_error_and_leaves_no_file(tmp_path: Path, size: int) -> None:
+    async def main() -> tuple[CommitRefused, list[str], list[Copy]]:
         async with Pair(tmp_path) as pair:
             async def full_disk(*args: Any) -> list[Copy]:
                 raise OSError(28, "No space left on device")
 
             pair.ours.enter = full_disk  # type: ignore[method-assign]
-            accepting = asyncio.ensure_future(pair.worker.accept(*_args("Q1", b"x\r\n")))
+            accepting = asyncio.ensure_future(pair.worker.accept(*_args("Q1", b"x" * size)))
             await pair.hear_one()
             with pytest.raises(CommitRefused) as refused:
                 await accepting
             files = [p.name for p in (tmp_path / "spool").iterdir() if p.is_file()]
-            return str(refused.value), files, pair.scheduler.submitted
+            return refused.value, files, pair.scheduler.submitted
 
-    reason, files, submitted = asyncio.run(main())
-    assert "No space left on device" in reason
+    refused, files, submitted = asyncio.run(main())
+    assert "No space left on device" in str(refused)
+    assert storage_reply(refused) == replies.NO_STORAGE  # the worker's client hears 452 4.3.1
     assert files == [] and submitted == []
 
 
 def test_a_main_process_gone_before_its_answer_leaves_the_file_for_the_next_start(tmp_path: Path) -> None:
-    """Whether it committed is unknown: the spool file stays (`recover` at the next start keeps
-    it only if its rows exist) and the session gets an error (451), not a 250."""
+    """Whether it committed is unknown: the spool file of a large message stays (`recover` at
+    the next start keeps it only if its rows exist) and the session gets an error (451), not a
+    250."""
     async def main() -> tuple[bool, list[str]]:
         async with Pair(tmp_path) as pair:
-            accepting = asyncio.ensure_future(pair.worker.accept(*_args("Q1", b"x\r\n")))
+            accepting = asyncio.ensure_future(pair.worker.accept(*_args("Q1", b"x" * (IN_DATABASE + 1))))
             decode(await pair.main_reader.readline())  # read, never answered
             pair.main_writer.close()
             with pytest.raises(ChannelClosed):
