@@ -1,9 +1,10 @@
 """The audit log: every committed event as one JSON line, in state_dir/audit.jsonl.
 
 Blocking (called from the store's writer thread; `reopen` also from the event loop's, so a lock
-keeps the two apart: a SIGHUP during a write once closed the file under it). The main process
-and each SMTP intake worker append to the same file: every batch is one write(2) in append mode,
-so their lines never mix. Internal; operator-facing (lines name hidden addresses; nothing here
+keeps the two apart: a SIGHUP during a write once closed the file under it). The server's main
+process writes it (SMTP intake workers commit through it); an operator's command that changes
+the queue appends to the same file: every batch is one write(2) in append mode, so their
+lines never mix. Internal; operator-facing (lines name hidden addresses; nothing here
 reaches a sender). Each line: `time` (ISO 8601, UTC, microseconds),
 `queue_id`, `copy`, `event`, `target`, `detail`. Survives log rotation: when the file was moved
 or removed (logrotate's default `create` mode), the next write opens a new one at the path, and
@@ -44,7 +45,7 @@ class AuditLog:
         with self._lock:
             if self._replaced():
                 self._reopen()
-            # One write(2) per batch on an O_APPEND file: the intake workers append to the same
+            # One write(2) per batch on an O_APPEND file: a command may append to the same
             # file, and a buffered writer would cut a long batch at 8 KB, mid-line.
             written = self._file.write(data) or 0
             while written < len(data):

@@ -53,40 +53,44 @@ def test_deliver_fails_with_oserror_when_it_cannot_write(tmp_path: Path) -> None
         deliver(tmp_path / "file" / "box", b"x\n")
 
 
-def test_deliver_fsyncs_the_file_and_the_new_directory(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    synced: list[str] = []
-    real_fsync = os.fsync
+class FsyncSpy:
+    """Records the path of every fsync'ed descriptor once `start`ed (os.fsync still runs)."""
 
-    def spy(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.synced: list[str] = []
+        self._monkeypatch, self._real = monkeypatch, os.fsync
 
+    def start(self) -> None:
+        self._monkeypatch.setattr(os, "fsync", self._spy)
+
+    def _spy(self, fd: int) -> None:
+        self.synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        self._real(fd)
+
+
+@pytest.fixture
+def fsyncs(monkeypatch: pytest.MonkeyPatch) -> FsyncSpy:
+    return FsyncSpy(monkeypatch)
+
+
+def test_deliver_fsyncs_the_file_and_the_new_directory(tmp_path: Path, fsyncs: FsyncSpy) -> None:
     root = tmp_path / "m"
     deliver(root, b"first\n")
-    monkeypatch.setattr(os, "fsync", spy)
+    fsyncs.start()
     name = deliver(root, b"second\n")
-    assert synced == [str(root / "tmp" / name), str(root / "new")]
+    assert fsyncs.synced == [str(root / "tmp" / name), str(root / "new")]
 
 
-def test_a_group_fsyncs_each_file_and_each_new_directory_once(tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_group_fsyncs_each_file_and_each_new_directory_once(tmp_path: Path, fsyncs: FsyncSpy) -> None:
     """deliver_many: three messages, two Maildirs: three file fsyncs, then one per `new/`."""
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def spy(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
     a, b = tmp_path / "a", tmp_path / "b"
     deliver(a, b"warm\n")
     deliver(b, b"warm\n")
-    monkeypatch.setattr(os, "fsync", spy)
+    fsyncs.start()
     names = deliver_many([(a, b"one\n"), (b, b"two\n"), (a, b"three\n")])
     assert all(isinstance(n, str) for n in names)
     files = [str(a / "tmp" / names[0]), str(b / "tmp" / names[1]), str(a / "tmp" / names[2])]  # type: ignore[operator]
-    assert synced == [*files, str(a / "new"), str(b / "new")]
+    assert fsyncs.synced == [*files, str(a / "new"), str(b / "new")]
     assert [(a / "new" / names[0]).read_bytes(), (b / "new" / names[1]).read_bytes(),  # type: ignore[operator]
             (a / "new" / names[2]).read_bytes()] == [b"one\n", b"two\n", b"three\n"]  # type: ignore[operator]
 
