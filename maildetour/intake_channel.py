@@ -222,8 +222,9 @@ class Channel:
 
     async def commit(self, message: Message, data: bytes, copies: Sequence[NewCopy],
                      events: Sequence[Event]) -> list[Copy]:
-        """Have the main process commit `message` (its bytes already in the spool); its copies
-        as committed. Raises CommitRefused or ChannelClosed (module docstring)."""
+        """Have the main process commit `message` (a small one with `data`, `in_database`; a
+        larger one's bytes already in the spool); its copies as committed. Raises CommitRefused
+        or ChannelClosed (module docstring)."""
         inline = base64.b64encode(data).decode("ascii") if len(data) <= INLINE else None
         copies_made: list[Copy] = await self._ask("accept", encode_message(message),
                                                   [encode_new_copy(c) for c in copies],

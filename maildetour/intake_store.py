@@ -4,10 +4,10 @@ Internal. `RelayedStore` is a read-only `SqliteStore` (a worker's late-bounce ma
 copies and kept bytes) whose `accept` has the main process's store commit the message: a small
 one (`sqlite.in_database`) with its bytes, which travel along; a larger one's bytes it writes
 to the spool itself first, fsync'ed on the worker's own core as `SqliteStore.accept` does, and
-the main process commits the rows (`intake_channel.Channel.commit`; `finish`, which a late bounce's own message needs,
-goes the same way). So the queue database has one writer: no process
-waits for another's write lock, commits of all processes share one group commit, and the
-main process schedules each copy the moment it commits it.
+the main process commits the rows (`intake_channel.Channel.commit`; `finish`, which a late
+bounce's own message needs, goes the same way). So the queue database has one writer: no
+process waits for another's write lock, commits of all processes share one group commit, and
+the main process schedules each copy the moment it commits it.
 
 Contract: `accept` returns only after the main process committed (the 250 promise). Failure:
 OSError from the spool write; `CommitRefused` (the spool file is removed: nothing was

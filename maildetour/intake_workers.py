@@ -5,7 +5,8 @@ without serving them) and `IntakeWorkers` starts N - 1 `intake_worker` processes
 them: the kernel keeps one queue of connections per socket, and whichever worker is free takes
 the next one (a worker killed with connections waiting loses none of them: they stay queued
 for the others). Each worker gets a channel (`intake_channel`); what it says is acted on here:
-a message it received (bytes in the spool) is committed by this process's store
+a message it received (a small one's bytes travel along, a larger one's are in the spool) is
+committed by this process's store
 (`SqliteStore.enter`, the queue's one writer), answered, and its copies go to the scheduler at
 once (`Scheduler.submit`); late bounces go to `Scheduler.report`, counts to this process's
 `Metrics` (the registry `/metrics` serves).
@@ -252,8 +253,8 @@ class IntakeWorkers:
     async def _enter(self, worker: _Worker, token: int, message: Message, copies: list[NewCopy],
                      events: list[Event], data: bytes | None) -> None:
         """Commit what `worker` received (a small message's bytes with it, `in_database`; a larger
-        one's are in the spool), answer it, and schedule
-        the copies: the worker sends its 250 when the answer arrives, while delivery starts here."""
+        one's are in the spool), answer it, and schedule the copies: the worker sends its 250
+        when the answer arrives, while the delivery starts here."""
         in_db = data is not None and in_database(len(data))  # else the worker wrote the spool file
         try:
             made = await self.store.enter(message, copies, events, data if in_db else None)
